@@ -1,0 +1,28 @@
+"""cryodask: restore cryo-EM micrographs at any scale.
+
+The public API. Importing it starts nothing, reads nothing and imports no GPU library.
+"""
+
+from cryodask.cluster import ClusterConfig, cluster_client, load_cluster_config
+from cryodask.ingest import IngestError, ingest, micrographs_dataset
+from cryodask.io import export_mrc, open_dataset, write_variables
+from cryodask.physics import CTFParams, ctf_2d, electron_wavelength_A, frequency_grid
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CTFParams",
+    "ClusterConfig",
+    "IngestError",
+    "__version__",
+    "cluster_client",
+    "ctf_2d",
+    "electron_wavelength_A",
+    "export_mrc",
+    "frequency_grid",
+    "ingest",
+    "load_cluster_config",
+    "micrographs_dataset",
+    "open_dataset",
+    "write_variables",
+]

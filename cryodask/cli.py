@@ -1,0 +1,226 @@
+"""The ``cryodask`` command line: simulate, ingest, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import dask.config
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+
+class CLIError(Exception):
+    """An error to report to the user in one line, without a traceback."""
+
+
+def _add_cluster(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--cluster", default=default, metavar="SPEC",
+        help="where to run: 'threads', 'local' (worker processes here), 'cuda', a scheduler "
+             "address such as tcp://127.0.0.1:8786, or a YAML file (see docs/scaling.md); "
+             "default: CRYODASK_CLUSTER or Dask config 'cryodask.cluster', else threads",
+    )
+
+
+def _add_ingest_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("acquisition (override headers and metadata files)")
+    g.add_argument("--pixel-size", type=float, metavar="Å", help="pixel size in Å (default: MRC header)")
+    g.add_argument("--voltage", type=float, metavar="kV", help="accelerating voltage in kV (default: metadata, else 300)")
+    g.add_argument("--cs", type=float, metavar="mm", help="spherical aberration in mm (default: metadata, else 2.7)")
+    g.add_argument("--amplitude-contrast", type=float, metavar="Q0", help="amplitude contrast (default: metadata, else 0.07)")
+    g.add_argument("--dose", type=float, metavar="e/Å²", help="total dose in e/Å² (default: metadata)")
+    g.add_argument("--metadata", nargs="+", default=None, metavar="FILE",
+                   help="RELION micrograph STAR, EPU XML or SerialEM mdoc files, matched by name")
+    g.add_argument("--coordinates", nargs="+", default=None, metavar="FILE",
+                   help="particle coordinates (RELION .star, .box, Topaz .txt)")
+    g.add_argument("--stack", choices=("auto", "micrographs", "sum", "error"), default="auto",
+                   help="a multi-image file is a stack of micrographs, or a movie to sum "
+                        "(default auto: .mrcs are stacks, other multi-image files are an error)")
+
+
+def _ingest_kwargs(args) -> dict:
+    return dict(pixel_size_A=args.pixel_size, voltage_kV=args.voltage, cs_mm=args.cs,
+                amplitude_contrast=args.amplitude_contrast, dose_e_per_A2=args.dose,
+                metadata=args.metadata, coordinates=args.coordinates, stack=args.stack)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryodask",
+        description="Restore cryo-EM micrographs at any scale (Zarr/xarray stores, Dask).",
+    )
+    parser.add_argument("--version", action="version", version=f"cryodask {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="simulate a dataset of micrographs with ground truth",
+                       description="Simulate micrographs by the causal process (particles, ice, "
+                                   "CTF, dose, detector, artifacts) and write them as MRC files, "
+                                   "with truth.csv beside them.")
+    p.add_argument("out_dir", help="folder for the MRC files and truth.csv")
+    p.add_argument("--count", type=int, default=16, help="number of micrographs (default 16)")
+    p.add_argument("--size", type=int, default=1024, help="micrograph width and height in pixels (default 1024)")
+    p.add_argument("--pixel-size", type=float, default=1.0, metavar="Å", help="pixel size in Å (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--artifacts", action="store_true",
+                   help="add a gain pattern, dead lines, hot pixels and X-ray clusters")
+    p.add_argument("--truth-images", action="store_true",
+                   help="also write each micrograph's projection, clean image and mask")
+    _add_cluster(p)
+
+    p = sub.add_parser("ingest", help="ingest micrograph files into a store",
+                       description="Read MRC/MRCS/TIFF micrographs and their metadata into a "
+                                   "new Zarr store. Input files are never modified.")
+    p.add_argument("files", nargs="+", help="micrograph files or glob patterns")
+    p.add_argument("--out", required=True, help="the new store (a directory, e.g. micrographs.zarr)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    _add_ingest_options(p)
+    _add_cluster(p)
+
+    p = sub.add_parser("info", help="say what a store holds",
+                       description="Print a store's dimensions, variables and acquisition values.")
+    p.add_argument("store")
+
+    p = sub.add_parser("demo", help="simulate a small dataset and run every stage on it",
+                       description="Simulate micrographs, ingest them on a local Dask cluster, "
+                                   "run the pipeline stages and say where the results are.")
+    p.add_argument("--out", default="demo-output", help="working folder (default demo-output)")
+    p.add_argument("--count", type=int, default=16, help="micrographs (default 16)")
+    p.add_argument("--size", type=int, default=1024, help="pixels per side (default 1024)")
+    _add_cluster(p, default="local")
+    return parser
+
+
+def _version() -> str:
+    from cryodask import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "info": cmd_info,
+               "demo": cmd_demo}[args.command]
+    try:
+        with dask.config.set({"cryodask.progress": sys.stderr.isatty()}):
+            handler(args)
+    except (CLIError, ValueError, FileExistsError, FileNotFoundError, KeyError, ImportError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"cryodask {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _with_cluster(spec):
+    from cryodask.cluster import cluster_client, describe, load_cluster_config
+
+    config = load_cluster_config(spec)
+    print(f"running on {describe(config)}", file=sys.stderr)
+    return cluster_client(config)
+
+
+def cmd_simulate(args) -> None:
+    from cryodask.simulate import DatasetRanges, Detector, draw_micrograph_params, write_simulated_dataset
+
+    if args.count < 1 or args.size < 64:
+        raise CLIError("--count must be >= 1 and --size >= 64")
+    ranges = DatasetRanges(n_hot_pixels=(100, 400), n_xrays=(5, 30)) if args.artifacts else DatasetRanges()
+    detector = (Detector(gain_std=0.03, n_dead_rows=1, n_dead_cols=2, n_stuck_pixels=20, seed=args.seed)
+                if args.artifacts else Detector(seed=args.seed))
+    params = draw_micrograph_params(args.count, shape=(args.size, args.size),
+                                    pixel_size_A=args.pixel_size, ranges=ranges, seed=args.seed)
+    with _with_cluster(args.cluster):
+        table = write_simulated_dataset(args.out_dir, params, detector=detector, seed=args.seed,
+                                        save_truth_images=args.truth_images)
+    print(f"wrote {len(table)} micrographs of {args.size}x{args.size} to {args.out_dir}/ "
+          f"(truth in {os.path.join(args.out_dir, 'truth.csv')})")
+
+
+def cmd_ingest(args) -> None:
+    from cryodask.ingest import ingest
+
+    with _with_cluster(args.cluster):
+        ds = ingest(args.files, args.out, overwrite=args.overwrite, **_ingest_kwargs(args))
+    print(f"ingested {ds.sizes['micrograph']} micrographs of {ds.sizes['y']}x{ds.sizes['x']} "
+          f"into {args.out}")
+
+
+def describe_store(path) -> str:
+    """A plain-text summary of a store."""
+    import numpy as np
+
+    from cryodask.io.store import open_dataset
+
+    ds = open_dataset(path)
+    lines = [f"store: {path}",
+             "dims: " + ", ".join(f"{k}={v}" for k, v in ds.sizes.items())]
+    lines.append("variables:")
+    for name, var in sorted(ds.data_vars.items()):
+        units = var.attrs.get("units", "")
+        chunks = "" if var.chunks is None else f" chunks {tuple(c[0] for c in var.chunks)}"
+        lines.append(f"  {name:<26} {str(var.dims):<30} {str(var.dtype):<12}{units and ' [' + units + ']'}{chunks}")
+    n = ds.sizes["micrograph"]
+    small = {name: ds[name].values for name in ("pixel_size_A", "voltage_kV", "cs_mm",
+                                                "amplitude_contrast", "dose_e_per_A2") if name in ds}
+    lines.append("acquisition (min .. max over micrographs):")
+    for name, values in small.items():
+        finite = values[np.isfinite(values)]
+        text = f"{finite.min():.5g} .. {finite.max():.5g}" if finite.size else "unknown"
+        lines.append(f"  {name:<20} {text}")
+    names = [str(v) for v in ds["micrograph_name"].values]
+    lines.append(f"micrographs: {names[0]}" + (f" ... {names[-1]} ({n})" if n > 1 else ""))
+    return "\n".join(lines)
+
+
+def cmd_info(args) -> None:
+    print(describe_store(args.store))
+
+
+def cmd_demo(args) -> None:
+    import xarray as xr
+
+    from cryodask import pipeline
+    from cryodask.ingest import ingest
+    from cryodask.io.store import write_variables
+    from cryodask.simulate import DatasetRanges, Detector, draw_micrograph_params, write_simulated_dataset
+
+    start = time.perf_counter()
+    out = args.out
+    sim_dir = os.path.join(out, "micrographs")
+    store = os.path.join(out, "demo.zarr")
+    params = draw_micrograph_params(args.count, shape=(args.size, args.size), pixel_size_A=1.0,
+                                    ranges=DatasetRanges(n_hot_pixels=(100, 400), n_xrays=(5, 30)),
+                                    seed=2026)
+    detector = Detector(gain_std=0.03, n_dead_rows=1, n_dead_cols=2, n_stuck_pixels=20, seed=2026)
+    with _with_cluster(args.cluster) as client:
+        if client is not None and client.dashboard_link:
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        t0 = time.perf_counter()
+        write_simulated_dataset(sim_dir, params, detector=detector, seed=2026, save_truth_images=False)
+        t1 = time.perf_counter()
+        print(f"1. simulated {args.count} micrographs of {args.size}x{args.size} -> {sim_dir}/ "
+              f"({t1 - t0:.1f} s)")
+        ds = ingest(os.path.join(sim_dir, "*.mrc"), store, overwrite=True)
+        t2 = time.perf_counter()
+        print(f"2. ingested them into {store} ({t2 - t1:.1f} s)")
+        stats = pipeline.image_statistics(ds)
+        spectra = pipeline.power_spectra(ds, tile_size=min(512, args.size)).to_dataset()
+        write_variables(xr.merge([stats, spectra]), store, overwrite=True)
+        t3 = time.perf_counter()
+        print(f"3. measured image statistics and power spectra -> {store} ({t3 - t2:.1f} s)")
+    print()
+    print(describe_store(store))
+    print(f"\ndemo finished in {time.perf_counter() - start:.1f} s; results in {out}/")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

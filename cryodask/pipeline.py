@@ -1,0 +1,85 @@
+"""Kernels mapped over a store's micrographs with xarray and Dask. No physics lives here.
+
+Every function takes a dataset (as :func:`cryodask.open_dataset` returns it) and returns
+lazy variables; nothing is computed until the caller writes or computes them.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+import numpy as np
+import xarray as xr
+
+from cryodask.spectrum import power_spectrum
+
+__all__ = ["check_image_chunks", "image_statistics", "power_spectra"]
+
+
+def check_image_chunks(image: xr.DataArray) -> None:
+    """The chunking contract of per-micrograph kernels: whole micrographs in each chunk.
+
+    Raises
+    ------
+    ValueError
+        ``y`` or ``x`` is split across chunks; the message says how to rechunk.
+    """
+    if image.dims != ("micrograph", "y", "x"):
+        raise ValueError(f"expected dims ('micrograph', 'y', 'x'), got {image.dims}")
+    if image.chunks is None:
+        return
+    for dim, chunks in zip(image.dims[1:], image.chunks[1:]):
+        if len(chunks) > 1:
+            raise ValueError(
+                f"image is split along {dim!r} (chunks {chunks}); per-micrograph kernels need "
+                "whole micrographs: image.chunk({'y': -1, 'x': -1})"
+            )
+
+
+def image_statistics(ds: xr.Dataset) -> xr.Dataset:
+    """Mean, standard deviation, minimum and maximum of each micrograph (lazy)."""
+    image = ds["image"]
+    check_image_chunks(image)
+    dims = ("y", "x")
+    return xr.Dataset({
+        "image_mean": image.mean(dims, dtype=np.float64).astype(np.float32),
+        "image_std": image.std(dims, dtype=np.float64).astype(np.float32),
+        "image_min": image.min(dims),
+        "image_max": image.max(dims),
+    })
+
+
+def power_spectra(ds: xr.Dataset, *, tile_size: int = 512, overlap: float = 0.5) -> xr.DataArray:
+    """Welch-averaged power spectrum of every micrograph, lazily, one task per micrograph.
+
+    Returns
+    -------
+    DataArray (micrograph, fy, fx), float32
+        ``rfftn`` layout in FFT order (see :func:`cryodask.spectrum.power_spectrum`); the
+        ``fy``/``fx`` coordinates are spatial frequencies in 1/Å.
+    """
+    image = ds["image"]
+    check_image_chunks(image)
+    pixel = float(ds.attrs.get("pixel_size_A", float(ds["pixel_size_A"][0])))
+    result = xr.apply_ufunc(
+        _spectrum_stack,
+        image,
+        input_core_dims=[["y", "x"]],
+        output_core_dims=[["fy", "fx"]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+        dask_gufunc_kwargs={"output_sizes": {"fy": tile_size, "fx": tile_size // 2 + 1}},
+        kwargs={"tile_size": tile_size, "overlap": overlap},
+        keep_attrs=False,
+    )
+    fy = np.fft.fftfreq(tile_size, d=pixel)
+    fx = np.fft.rfftfreq(tile_size, d=pixel)
+    return result.assign_coords(fy=("fy", fy, {"units": "1/Å"}), fx=("fx", fx, {"units": "1/Å"})).rename(
+        "power_spectrum").assign_attrs(units="image units^2 per Fourier pixel", layout="rfftn, FFT order")
+
+
+def _spectrum_stack(images, *, tile_size, overlap):
+    xp = array_api_compat.array_namespace(images)
+    flat = xp.reshape(images, (-1, *images.shape[-2:]))
+    out = xp.stack([power_spectrum(flat[i, ...], tile_size=tile_size, overlap=overlap)
+                    for i in range(flat.shape[0])])
+    return xp.reshape(out, (*images.shape[:-2], tile_size, tile_size // 2 + 1))

@@ -1,0 +1,46 @@
+"""Run a Dask computation, with a progress display when asked for.
+
+The display is off for library calls and on for the command line (which sets the Dask
+config key ``cryodask.progress``). With a distributed client the work is submitted to it
+and followed with Dask's text progress bar; otherwise Dask's local ``ProgressBar`` is used.
+"""
+
+from __future__ import annotations
+
+import dask
+import dask.config
+
+__all__ = ["compute"]
+
+
+def _current_client():
+    try:
+        from distributed import default_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def compute(*objects, progress: bool | None = None):
+    """``dask.compute(*objects)``, shown with a progress bar when ``progress`` is on.
+
+    ``progress=None`` reads the Dask config key ``cryodask.progress`` (default False).
+    """
+    if progress is None:
+        progress = bool(dask.config.get("cryodask.progress", default=False))
+    if not progress:
+        return dask.compute(*objects)
+    client = _current_client()
+    if client is None:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(minimum=1.0, dt=0.5):
+            return dask.compute(*objects)
+    from distributed import progress as distributed_progress
+
+    futures = client.compute(list(objects))
+    distributed_progress(futures, notebook=False)
+    return tuple(f.result() for f in futures)
