@@ -194,9 +194,10 @@ def ingest(paths, store, *, overwrite: bool = False, **options) -> xr.Dataset:
     pixel_size_A, voltage_kV, cs_mm, amplitude_contrast, dose_e_per_A2 : float, optional
         Override every other source. Otherwise each comes from a metadata table
         (``metadata=``), then a sidecar file beside the micrograph (EPU ``.xml``, SerialEM
-        ``.mdoc``), then the MRC header (voxel size; voltage, dose and applied defocus from
-        an FEI extended header); voltage, Cs and amplitude contrast fall back to
-        300 kV, 2.7 mm and 0.07.
+        ``.mdoc``), then the MRC header (voltage, dose and applied defocus from an FEI
+        extended header). The pixel size is the exception: a non-zero voxel size in the
+        image's own header wins over a sidecar's, which may describe unbinned frames.
+        Voltage, Cs and amplitude contrast fall back to 300 kV, 2.7 mm and 0.07.
     metadata : path or sequence of paths, optional
         RELION micrograph STAR files, EPU XML or mdoc files, matched to micrographs by name.
     coordinates : path or sequence of paths, optional
@@ -269,7 +270,11 @@ def _resolve(row: dict, explicit: dict, table: pd.DataFrame | None) -> dict:
     header: ImageHeader = row["header"]
     resolved = {name: getattr(header, name, None) for name in METADATA_FIELDS}
     resolved = {k: v for k, v in resolved.items() if v is not None}
-    resolved.update({k: v for k, v in row["sidecar"].items() if v is not None})
+    sidecar = {k: v for k, v in row["sidecar"].items() if v is not None}
+    if header.pixel_size_A:
+        # The image's own header knows its binning; an acquisition sidecar may not.
+        sidecar.pop("pixel_size_A", None)
+    resolved.update(sidecar)
     if table is not None:
         key = _name_key(row["name"])
         if key in table.index:

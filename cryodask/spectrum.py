@@ -133,8 +133,9 @@ def radial_average(spectrum, pixel_size_A: float, *, n_bins: int | None = None):
     counts = xp.zeros(n_bins, dtype=spectrum.dtype, device=device)
     chunk = 65536
     for start in range(0, index.shape[0], chunk):
-        onehot = xp.astype(index[start : start + chunk, None] == bins[None, :], spectrum.dtype)
-        sums = sums + xp.sum(onehot * values[start : start + chunk, None], axis=0)
+        stop = min(start + chunk, index.shape[0])
+        onehot = xp.astype(index[start:stop, None] == bins[None, :], spectrum.dtype)
+        sums = sums + xp.sum(onehot * values[start:stop, None], axis=0)
         counts = counts + xp.sum(onehot, axis=0)
     centres = (xp.astype(bins, spectrum.dtype) + 0.5) * (nyquist / n_bins)
     profile = xp.where(counts > 0, sums / xp.where(counts > 0, counts, 1), xp.nan)

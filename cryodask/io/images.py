@@ -152,6 +152,8 @@ def write_mrc(path: str, data: np.ndarray, *, pixel_size_A: float, overwrite: bo
     try:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(np.ascontiguousarray(data))
+            if data.ndim == 3:
+                mrc.set_image_stack()
             mrc.voxel_size = float(pixel_size_A)
         os.replace(tmp, path)
     finally:
@@ -178,7 +180,7 @@ def _select(data, path, section, sum_frames):
 def _probe_mrc(path: str) -> ImageHeader:
     try:
         with mrcfile.mmap(path, mode="r", permissive=False) as mrc:
-            if mrc.is_volume():
+            if mrc.is_volume() and path.lower().endswith((".map", ".rec")):
                 raise MicrographFileError(
                     f"{path}: is a 3D volume (space group {int(mrc.header.ispg)}), not a "
                     "micrograph or a stack of images"

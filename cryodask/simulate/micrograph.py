@@ -37,9 +37,9 @@ __all__ = [
 
 #: Position of the amorphous-ice diffraction ring, Å.
 ICE_RING_A = 3.66
-#: Amorphous-ice structural contrast power per Å of thickness at the ring peak (Å^2 / Å).
-_ICE_RING_POWER_PER_A = 1.4e-5
-_ICE_RING_WIDTH = 0.03  # 1/Å, standard deviation of the ring's radial profile
+#: Water molecules per Å^3 in vitreous ice (density 0.93 g/cm^3).
+ICE_MOLECULES_PER_A3 = 0.031
+_ICE_RING_WIDTH = 0.025  # 1/Å, standard deviation of the first peak of S(k)
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,18 @@ def detector_state(detector: Detector, shape: tuple[int, int]) -> DetectorState:
                          stuck=stuck, detector=detector)
 
 
-def ice_power_spectrum(k, thickness_A: float):
+def ice_power_spectrum(k, thickness_A: float, contrast_per_molecule_A2: float = 0.07):
     """Power spectrum of amorphous-ice structural contrast, Å^2, at frequency ``k`` (1/Å).
 
-    A ring at 1/3.66 Å^-1 plus a weak broad component, both proportional to thickness.
+    ``P(k) = w^2 * n * t * S(k)``: molecules of integrated contrast ``w`` at number density
+    ``n`` (:data:`ICE_MOLECULES_PER_A3`) in a slab of thickness ``t``, with the structure
+    factor ``S(k)`` of low-density amorphous ice: about 0.05 as k -> 0 (low
+    compressibility), rising towards a first peak of height ~2.4 at 1/3.66 Å^-1.
     """
     k0 = 1.0 / ICE_RING_A
-    ring = np.exp(-0.5 * ((k - k0) / _ICE_RING_WIDTH) ** 2)
-    broad = 0.1 * np.exp(-((k / k0) ** 2))
-    return _ICE_RING_POWER_PER_A * thickness_A * (ring + broad)
+    x = (k / k0) ** 2
+    structure = 0.05 + 0.35 * x * np.exp(1.0 - x) + 2.0 * np.exp(-0.5 * ((k - k0) / _ICE_RING_WIDTH) ** 2)
+    return contrast_per_molecule_A2**2 * ICE_MOLECULES_PER_A3 * thickness_A * structure
 
 
 def simulate_micrograph(params: MicrographParams, *, detector: Detector | DetectorState | None = None,
@@ -175,7 +178,7 @@ def simulate_micrograph(params: MicrographParams, *, detector: Detector | Detect
 
     # Ice: CTF-modulated structural noise of the given power spectrum.
     cell_A2 = 1.0 / (shape[0] * shape[1] * a_px**2)
-    ice_amp = np.sqrt(ice_power_spectrum(k, params.ice_thickness_A) * cell_A2) * np.sqrt(shape[0] * shape[1])
+    ice_amp = np.sqrt(ice_power_spectrum(k, params.ice_thickness_A, params.contrast_per_atom_A2) * cell_A2) * np.sqrt(shape[0] * shape[1])
     ice_ft = np.fft.rfft2(rng.normal(size=shape)) * ice_amp
 
     ctf = ctf_2d(ky, kx, params.ctf)  # includes the motion + coherence envelope
