@@ -124,7 +124,8 @@ def _with_cluster(spec):
     from cryodask.cluster import cluster_client, describe, load_cluster_config
 
     config = load_cluster_config(spec)
-    print(f"running on {describe(config)}", file=sys.stderr)
+    if config.kind != "threads":
+        print(f"running on {describe(config)}", file=sys.stderr)
     return cluster_client(config)
 
 

@@ -1,0 +1,56 @@
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryodask.cli import main
+from cryodask.io.store import open_dataset
+
+
+def test_help_everywhere():
+    for command in ([], ["simulate"], ["ingest"], ["info"], ["demo"]):
+        result = subprocess.run([sys.executable, "-m", "cryodask.cli", *command, "--help"],
+                                capture_output=True, text=True, check=True)
+        assert "usage: cryodask" in result.stdout
+    assert "--cluster" in subprocess.run([sys.executable, "-m", "cryodask.cli", "ingest", "--help"],
+                                         capture_output=True, text=True).stdout
+
+
+def test_simulate_ingest_info(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["simulate", str(out), "--count", "3", "--size", "128", "--pixel-size", "1.5",
+                 "--artifacts", "--truth-images", "--seed", "4"]) == 0
+    truth = pd.read_csv(out / "truth.csv")
+    assert len(truth) == 3 and (truth["n_hot_pixels"] >= 100).all()
+    assert (out / "truth" / "mic_0000_projection.mrc").is_file()
+    store = tmp_path / "s.zarr"
+    assert main(["ingest", str(out / "mic_*.mrc"), "--out", str(store), "--dose", "33"]) == 0
+    ds = open_dataset(store)
+    assert ds.sizes["micrograph"] == 3
+    np.testing.assert_allclose(ds["dose_e_per_A2"].values, 33.0)
+    np.testing.assert_allclose(ds["pixel_size_A"].values, 1.5)
+    capsys.readouterr()
+    assert main(["info", str(store)]) == 0
+    text = capsys.readouterr().out
+    assert "micrograph=3" in text and "dose_e_per_A2        33 .. 33" in text
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    assert main(["ingest", str(tmp_path / "missing.mrc"), "--out", str(tmp_path / "s.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cryodask ingest: error: ") and "missing.mrc: no such file" in err
+    assert main(["info", str(tmp_path / "nothing.zarr")]) == 2
+    assert "no such store" in capsys.readouterr().err
+    assert main(["ingest", "x.mrc", "--out", "s.zarr", "--cluster", "nonsense"]) == 2
+    assert "expected one of" in capsys.readouterr().err
+
+
+def test_demo_runs_on_a_local_cluster(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--count", "2", "--size", "256"]) == 0
+    text = capsys.readouterr().out
+    assert "demo finished" in text
+    ds = open_dataset(tmp_path / "demo" / "demo.zarr")
+    assert {"power_spectrum", "image_mean", "image_std"} <= set(ds.data_vars)
+    assert ds["power_spectrum"].shape == (2, 256, 129)

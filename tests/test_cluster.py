@@ -1,0 +1,156 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import dask
+import numpy as np
+import psutil
+import pytest
+
+from cryodask import ingest
+from cryodask.cluster import ClusterConfig, ClusterError, cluster_client, load_cluster_config, make_cluster
+
+
+def test_spec_parsing():
+    assert load_cluster_config("threads").kind == "threads"
+    assert load_cluster_config("local").kind == "local"
+    config = load_cluster_config("tcp://127.0.0.1:8786")
+    assert (config.kind, config.address) == ("address", "tcp://127.0.0.1:8786")
+    with pytest.raises(ClusterError, match="expected one of"):
+        load_cluster_config("bogus")
+    with pytest.raises(ClusterError, match="needs an address"):
+        ClusterConfig(kind="address")
+    with pytest.raises(ClusterError, match="n_workers"):
+        ClusterConfig(kind="local", n_workers=0)
+
+
+def test_yaml_env_and_dask_config(tmp_path, monkeypatch):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("cluster:\n  kind: local\n  n_workers: 3\n  memory_limit: 2GB\n")
+    config = load_cluster_config(str(path))
+    assert (config.kind, config.n_workers, config.memory_limit) == ("local", 3, "2GB")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: local\nworkers: 3\n")
+    with pytest.raises(ClusterError, match=r"bad.yaml: unknown cluster option\(s\) \['workers'\]"):
+        load_cluster_config(str(bad))
+    with dask.config.set({"cryodask.cluster": {"kind": "local", "threads_per_worker": 2}}):
+        assert load_cluster_config().threads_per_worker == 2
+        monkeypatch.setenv("CRYODASK_THREADS_PER_WORKER", "4")
+        monkeypatch.setenv("CRYODASK_CLUSTER", "tcp://10.0.0.1:8786")
+        config = load_cluster_config()
+        assert (config.kind, config.threads_per_worker) == ("address", 4)
+        # An explicit spec wins over the environment.
+        assert load_cluster_config("threads").kind == "threads"
+    monkeypatch.setenv("CRYODASK_N_WORKERS", "two")
+    with pytest.raises(ClusterError, match="n_workers must be an integer"):
+        load_cluster_config()
+
+
+def test_cuda_without_gpu_is_a_clear_error():
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("a GPU is present; this checks the error without one")
+    except Exception:
+        pass
+    with pytest.raises(ClusterError, match="cuda"):
+        make_cluster(ClusterConfig(kind="cuda"))
+
+
+def test_slurm_job_script():
+    pytest.importorskip("dask_jobqueue")
+    config = ClusterConfig(kind="slurm", threads_per_worker=8, memory_limit="32GB",
+                           jobqueue={"queue": "gpu", "walltime": "02:00:00",
+                                     "job_extra_directives": ["--gres=gpu:1"],
+                                     "scheduler_options": {"host": "127.0.0.1"}})
+    cluster = make_cluster(config)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH -p gpu" in script
+    assert "#SBATCH -t 02:00:00" in script
+    assert "#SBATCH --gres=gpu:1" in script
+    assert "--nthreads 8" in script or "--nworkers 1 --nthreads 8" in script
+    assert "#SBATCH --mem=30G" in script  # 32 GB, in GiB
+
+
+def _children():
+    """Child processes, less multiprocessing's own helpers (they live as long as this one)."""
+    out = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if "resource_tracker" not in cmdline and "forkserver" not in cmdline:
+            out.add(proc.pid)
+    return out
+
+
+def _ingest_values(sim_dir, path):
+    ds = ingest(str(sim_dir / "*.mrc"), path)
+    return ds["image"].values, ds["pixel_size_A"].values
+
+
+def test_local_cluster_matches_threads_and_leaves_no_process(sim_dir, tmp_path):
+    reference = _ingest_values(sim_dir, tmp_path / "threads.zarr")
+    before = _children()
+    with cluster_client(ClusterConfig(kind="local", n_workers=2)) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        result = _ingest_values(sim_dir, tmp_path / "local.zarr")
+    np.testing.assert_array_equal(result[0], reference[0])
+    np.testing.assert_array_equal(result[1], reference[1])
+    deadline = time.time() + 20
+    while _children() - before and time.time() < deadline:
+        time.sleep(0.2)
+    assert not (_children() - before)
+
+
+def _wait_for(path, timeout=60):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.2)
+
+
+def test_external_scheduler_and_two_workers(sim_dir, tmp_path):
+    """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1."""
+    scheduler_file = tmp_path / "scheduler.json"
+    bindir = os.path.dirname(sys.executable)
+    dask_cli = os.path.join(bindir, "dask")
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        _wait_for(scheduler_file)
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                [dask_cli, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                 "--host", "127.0.0.1", "--no-dashboard", "--local-directory", str(tmp_path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        import json
+
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        reference = _ingest_values(sim_dir, tmp_path / "threads.zarr")
+        with cluster_client(address) as client:
+            client.wait_for_workers(2, timeout=60)
+            worker_pids = set(client.run(os.getpid).values())
+            assert os.getpid() not in worker_pids and len(worker_pids) == 2
+            result = _ingest_values(sim_dir, tmp_path / "external.zarr")
+        np.testing.assert_array_equal(result[0], reference[0])
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert all(proc.poll() is not None for proc in procs)
