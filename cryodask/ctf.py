@@ -1,0 +1,467 @@
+"""CTF estimation from one micrograph: pure array kernels (NumPy, CuPy, array-API).
+
+The method
+----------
+1. **Spectrum.** One real FFT of the whole micrograph; the power in the disc the fit needs
+   is averaged in ``b x b`` blocks (a smoothed periodogram). ``b`` is chosen so that a Thon
+   ring at the highest fitted frequency and the largest searched defocus still spans four
+   bins, unless ``box_size`` fixes it (``b = n // box_size``, as a tile size would).
+2. **Matched background filter.** The log-spectrum is ``background + r(k)·CTF²``; a linear
+   filter ``F`` (subtract the polynomial fit, in ``k``, of the rotational average) removes
+   the background. The *same* ``F`` is applied to every model ``CTF²`` before comparing, so
+   nothing of the rings that ``F`` removes biases the fit. Shells are equalised by the RMS
+   of the filtered data.
+3. **Search.** A 1D search over mean defocus (and phase shift when asked) on the
+   rotational average; 1D searches per angular sector give the astigmatism by a
+   least-squares fit of ``df(alpha) = mean + a·cos 2alpha + b·sin 2alpha``; a Nelder-Mead
+   refinement of ``(mean, a, b[, phase])`` maximises the normalised cross-correlation
+   with the 2D spectrum.
+4. **Fit resolution.** The highest frequency up to which the correlation between the
+   filtered spectrum and the fitted ``CTF²`` stays significant (3 sigma) in shells one ring
+   wide.
+
+References
+----------
+Rohou & Grigorieff (2015), CTFFIND4. J. Struct. Biol. 192, 216-221.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+
+from cryodask.backend import fft_module, namespace, to_numpy
+from cryodask.physics import CTFParams, electron_wavelength_A
+
+__all__ = ["CTFFit", "CTFFitWarning", "CTFSearch", "FitSpectrum", "estimate_ctf", "fit_spectrum"]
+
+_POLY_DEGREE = 6
+_N_SECTORS = 6
+
+
+class CTFFitWarning(UserWarning):
+    """The spectrum shows no significant Thon rings: the fit is not to be trusted."""
+
+
+@dataclass(frozen=True)
+class CTFSearch:
+    """What to search, with CTFFIND's defaults: fit band 30-5 Å, defocus 0.3-5 µm.
+
+    Attributes
+    ----------
+    min_resolution_A, max_resolution_A : float
+        The fit band, low and high resolution limits in Å.
+    min_defocus_A, max_defocus_A : float
+        Mean-defocus search range in Å (positive = underfocus).
+    max_astigmatism_A : float
+        Largest ``defocus_u - defocus_v`` considered.
+    fit_phase_shift : bool
+        Also fit an additional phase shift (phase plate), in [0, 180) degrees.
+    box_size : int or None
+        Spectrum sampling as the equivalent tile size (the spectrum's bins are
+        ``n // box_size`` FFT pixels wide); None chooses it from the search range.
+    """
+
+    min_resolution_A: float = 30.0
+    max_resolution_A: float = 5.0
+    min_defocus_A: float = 3000.0
+    max_defocus_A: float = 50000.0
+    max_astigmatism_A: float = 3000.0
+    fit_phase_shift: bool = False
+    box_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_resolution_A < self.min_resolution_A:
+            raise ValueError("need 0 < max_resolution_A < min_resolution_A (Å), got "
+                             f"{self.max_resolution_A!r} and {self.min_resolution_A!r}")
+        if not 0 < self.min_defocus_A < self.max_defocus_A:
+            raise ValueError("need 0 < min_defocus_A < max_defocus_A (Å), got "
+                             f"{self.min_defocus_A!r} and {self.max_defocus_A!r}")
+        if not self.max_astigmatism_A >= 0:
+            raise ValueError(f"max_astigmatism_A must be >= 0, got {self.max_astigmatism_A!r}")
+        if self.box_size is not None and self.box_size < 64:
+            raise ValueError(f"box_size must be >= 64 or None, got {self.box_size!r}")
+
+
+@dataclass(frozen=True)
+class CTFFit:
+    """The result of :func:`estimate_ctf` (RELION/CTFFIND conventions and units)."""
+
+    defocus_u_A: float
+    defocus_v_A: float
+    defocus_angle_deg: float
+    phase_shift_deg: float
+    cc: float
+    fit_resolution_A: float
+    reliable: bool
+
+    @property
+    def mean_defocus_A(self) -> float:
+        return 0.5 * (self.defocus_u_A + self.defocus_v_A)
+
+
+@dataclass
+class FitSpectrum:
+    """The binned, centred half-plane spectrum a fit used (for diagnostics and plots).
+
+    ``power[i, j]`` is the mean power at frequencies ``(ky[i], kx[j])`` (1/Å); ``ky`` runs
+    from negative to positive, ``kx`` from 0.
+    """
+
+    power: object
+    ky: object
+    kx: object
+    pixel_size_A: float
+
+
+def _bin_factor(n: int, pixel_size_A: float, search: CTFSearch, lam: float) -> int:
+    if search.box_size is not None:
+        return max(1, n // search.box_size)
+    k_max = 1.0 / search.max_resolution_A
+    dk_target = 1.0 / (4.0 * lam * (search.max_defocus_A + search.max_astigmatism_A) * k_max)
+    return max(1, int(dk_target * n * pixel_size_A))
+
+
+def fit_spectrum(image, *, pixel_size_A: float, search: CTFSearch = CTFSearch(),
+                 voltage_kV: float = 300.0, k_limit: float | None = None) -> FitSpectrum:
+    """The block-averaged power spectrum of a micrograph over the disc ``|k| <= k_limit``.
+
+    One ``rfftn`` of the mean-subtracted image; the power is computed only inside the
+    disc's bounding box and averaged in blocks (see the module notes).
+    """
+    xp = namespace(image)
+    fft = fft_module(image)
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2D (y, x), got shape {tuple(image.shape)}")
+    ny, nx = image.shape
+    nyquist = 0.5 / pixel_size_A
+    if k_limit is None:
+        k_limit = min(nyquist, 1.0 / search.max_resolution_A)
+    k_limit = min(k_limit, nyquist)
+    lam = electron_wavelength_A(voltage_kV)
+    by = _bin_factor(ny, pixel_size_A, search, lam)
+    bx = _bin_factor(nx, pixel_size_A, search, lam)
+    image = xp.astype(image, xp.float32)
+    f = fft.rfftn(image - xp.mean(image), axes=(0, 1))
+    my = min(int(math.ceil(k_limit * ny * pixel_size_A)) + by, ny // 2)
+    mx = min(int(math.ceil(k_limit * nx * pixel_size_A)) + bx, nx // 2)
+    ry = (2 * my // by) * by
+    cx = ((mx + 1) // bx) * bx
+    rows = xp.concat([f[ny - ry // 2 :, :cx], f[: ry - ry // 2, :cx]], axis=0)
+    power = xp.real(rows) ** 2 + xp.imag(rows) ** 2
+    power = xp.mean(xp.reshape(power, (ry // by, by, cx // bx, bx)), axis=(1, 3))
+    fy = (np.arange(-(ry // 2), ry - ry // 2) / (ny * pixel_size_A)).reshape(-1, by).mean(1)
+    fx = (np.arange(cx) / (nx * pixel_size_A)).reshape(-1, bx).mean(1)
+    device = _device(image)
+    ky = xp.asarray(fy.astype(np.float32).reshape(-1, 1), device=device)
+    kx = xp.asarray(fx.astype(np.float32).reshape(1, -1), device=device)
+    power = power / float(ny * nx)
+    return FitSpectrum(power=power, ky=ky, kx=kx, pixel_size_A=pixel_size_A)
+
+
+def _device(x):
+    import array_api_compat
+
+    return array_api_compat.device(x)
+
+
+class _Shells:
+    """Pixels of a spectrum annulus, their radial bins, and the matched filter on them."""
+
+    def __init__(self, spec: FitSpectrum, k_lo: float, k_hi: float, n_bins: int):
+        xp = namespace(spec.power)
+        device = _device(spec.power)
+        ky, kx = spec.ky, spec.kx
+        k = xp.sqrt(ky * ky + kx * kx)
+        keep = (k >= k_lo) & (k <= k_hi)
+        # Each row of the half plane at kx = 0 repeats (-ky) = (ky): keep one of the pair.
+        keep = keep & ((kx > 0) | (ky >= 0))
+        self.xp = xp
+        self.keep = keep
+        self.k = k[keep]
+        self.alpha = xp.atan2(ky + 0.0 * kx, kx + 0.0 * ky)[keep]
+        self.values = None
+        edges = np.linspace(k_lo, k_hi, n_bins + 1)
+        kk = to_numpy(self.k).astype(np.float64)
+        index = np.clip(np.searchsorted(edges, kk, side="right") - 1, 0, n_bins - 1)
+        order = np.argsort(index, kind="stable")
+        counts = np.bincount(index, minlength=n_bins)
+        nonempty = counts > 0
+        self.n_bins = int(nonempty.sum())
+        remap = np.cumsum(nonempty) - 1
+        index = remap[index]
+        counts = counts[nonempty]
+        self.k_bins = (np.bincount(index, weights=kk, minlength=self.n_bins) / counts)
+        self.counts = counts
+        self.order = xp.asarray(order, device=device)
+        self.index = xp.asarray(index, device=device)
+        self.bounds = xp.asarray(np.concatenate([[0], np.cumsum(counts)]) .astype(np.int64), device=device)
+        projector = _projector(self.k_bins, counts)
+        self.projector_np = projector
+        self.projector = xp.asarray(np.ascontiguousarray(projector.T, dtype=np.float32), device=device)
+        self.counts_dev = xp.asarray(counts.astype(np.float32), device=device)
+
+    def select(self, array2d):
+        """The annulus' pixels of a 2D array on the spectrum's grid, flattened."""
+        return array2d[self.keep]
+
+    def radial_mean(self, v):
+        xp = self.xp
+        sorted_v = xp.take(v, self.order, axis=-1)
+        c = xp.cumulative_sum(sorted_v, axis=-1, include_initial=True)
+        sums = xp.take(c, self.bounds[1:], axis=-1) - xp.take(c, self.bounds[:-1], axis=-1)
+        return sums / self.counts_dev
+
+    def filter(self, v):
+        """Subtract the polynomial fit of the rotational average (the matched filter)."""
+        xp = self.xp
+        background = xp.matmul(self.radial_mean(v), self.projector)  # projector is symmetric in W
+        return v - xp.take(background, self.index, axis=-1)
+
+
+def _ctf2(k, alpha, mean, a, b, phase_deg, lam, cs_A, w):
+    xp = namespace(k)
+    df = mean + a * xp.cos(2.0 * alpha) + b * xp.sin(2.0 * alpha)
+    k2 = k * k
+    chi = (math.pi * lam) * df * k2 - (0.5 * math.pi * cs_A * lam**3) * (k2 * k2)
+    s = xp.sin(chi + (math.radians(phase_deg) + w))
+    return s * s
+
+
+def _ctf2_profiles(k_bins, defoci, phases, lam, cs_A, w):
+    """CTF^2 on radial bins for every (defocus, phase) pair: shape (n_df, n_phase, n_bins)."""
+    k2 = k_bins[None, None, :] ** 2
+    chi = (np.pi * lam * defoci[:, None, None] * k2 - 0.5 * np.pi * cs_A * lam**3 * k2**2
+           + np.radians(phases)[None, :, None] + w)
+    return np.sin(chi) ** 2
+
+
+def _ncc_1d(profile, weights, models, projector):
+    """NCC between a filtered, weighted 1D profile and each filtered model row."""
+    filtered = models - models @ projector.T
+    data = (profile - projector @ profile) * weights
+    num = filtered @ (data * weights)
+    den = np.sqrt((filtered**2 @ (weights**2)) * float(data @ data)) + 1e-30
+    return num / den
+
+
+def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm: float = 2.7,
+                 amplitude_contrast: float = 0.07, search: CTFSearch = CTFSearch(),
+                 return_spectrum: bool = False):
+    """Estimate the CTF of one micrograph.
+
+    Parameters
+    ----------
+    image : (ny, nx) array
+        The micrograph (NumPy, CuPy or any array-API array), any real dtype.
+    pixel_size_A, voltage_kV, cs_mm, amplitude_contrast : float
+        Acquisition parameters.
+    search : CTFSearch
+        Fit band and search ranges.
+    return_spectrum : bool
+        Also return the :class:`FitSpectrum` the fit used.
+
+    Returns
+    -------
+    CTFFit (and FitSpectrum)
+        ``defocus_u_A >= defocus_v_A``, the angle in [0, 180) from +x towards +y, the
+        normalised cross-correlation ``cc`` in the fit band and the fit resolution in Å.
+
+    Warns
+    -----
+    CTFFitWarning
+        When the spectrum shows no significant Thon rings; ``reliable`` is then False.
+
+    Notes
+    -----
+    See the module notes for the method. The score is the normalised cross-correlation
+    ``sum(D·M) / sqrt(sum(D²)·sum(M²))`` between the filtered, shell-equalised
+    log-spectrum ``D`` and the filtered model ``M = F(CTF²)``.
+    """
+    xp = namespace(image)
+    if not pixel_size_A > 0:
+        raise ValueError(f"pixel_size_A must be > 0, got {pixel_size_A!r}")
+    lam = electron_wavelength_A(voltage_kV)
+    cs_A = cs_mm * 1e7
+    w = math.asin(amplitude_contrast)
+    nyquist = 0.5 / pixel_size_A
+    k_lo = 1.0 / search.min_resolution_A
+    k_hi = min(1.0 / search.max_resolution_A, 0.98 * nyquist)
+    if k_hi <= k_lo * 1.5:
+        raise ValueError(f"the fit band {search.min_resolution_A}-{search.max_resolution_A} Å does not "
+                         f"fit below Nyquist ({2 * pixel_size_A:.2f} Å) at {pixel_size_A} Å/pixel")
+    k_res = min(0.98 * nyquist, max(k_hi, 1.0 / 3.0))
+    spec = fit_spectrum(image, pixel_size_A=pixel_size_A, search=search, voltage_kV=voltage_kV,
+                        k_limit=k_res)
+    log_power = xp.log(spec.power + 1e-30 + 1e-6 * xp.mean(spec.power))
+    dk = float(to_numpy(spec.kx[0, 1] - spec.kx[0, 0])) if spec.kx.shape[1] > 1 else k_hi
+    n_bins = max(8, int((k_hi - k_lo) / dk))
+    shells = _Shells(spec, k_lo, k_hi, n_bins)
+    data = shells.select(log_power)
+    fdata = shells.filter(data)
+    rms = to_numpy(xp.sqrt(shells.radial_mean(fdata * fdata))).astype(np.float64)
+    rms = _smooth(rms, 3.0)
+    empty = not np.all(np.isfinite(rms)) or rms.max() <= 0
+    weights = 1.0 / np.maximum(rms, 1e-12 * max(rms.max(), 1e-30))
+    wdata = fdata * xp.take(xp.asarray(weights.astype(np.float32), device=_device(fdata)),
+                            shells.index, axis=0)
+    wnorm = float(xp.sum(wdata * wdata))
+    n_pix = int(shells.counts.sum())
+
+    def score(mean, a, b, phase):
+        m = shells.filter(_ctf2(shells.k, shells.alpha, mean, a, b, phase, lam, cs_A, w))
+        return float(xp.sum(wdata * m)) / (math.sqrt(wnorm * float(xp.sum(m * m))) + 1e-30)
+
+    if empty or wnorm == 0:
+        return _unreliable(search, "the image has no variance", return_spectrum, spec)
+
+    # 1. Mean defocus (and phase) from the rotational average.
+    profile = to_numpy(shells.radial_mean(data)).astype(np.float64)
+    step = 1.0 / (8.0 * lam * k_hi**2)
+    defoci = np.arange(search.min_defocus_A, search.max_defocus_A + step, step)
+    phases = np.arange(0.0, 180.0, 10.0) if search.fit_phase_shift else np.zeros(1)
+    models = _ctf2_profiles(shells.k_bins, defoci, phases, lam, cs_A, w)
+    ncc = _ncc_1d(profile, weights, models.reshape(-1, shells.n_bins), shells.projector_np)
+    best = int(np.argmax(ncc))
+    mean0, phase0 = defoci[best // len(phases)], phases[best % len(phases)]
+
+    # 2. Astigmatism from sector profiles.
+    a0, b0 = _sector_astigmatism(shells, data, weights, mean0, phase0, search, lam, cs_A, w, step)
+
+    # 3. Refine in 2D.
+    def cost(p):
+        return -score(p[0], p[1], p[2], p[3] if search.fit_phase_shift else phase0)
+
+    starts = [(mean0, a0, b0), (mean0, 0.0, 0.0)]
+    best_x, best_f = None, np.inf
+    for start in starts:
+        x0 = list(start) + ([phase0] if search.fit_phase_shift else [])
+        simplex_step = [4 * step, 2 * step + 50, 2 * step + 50] + ([10.0] if search.fit_phase_shift else [])
+        simplex = np.array([x0] + [np.add(x0, np.eye(len(x0))[i] * simplex_step[i]) for i in range(len(x0))])
+        res = minimize(cost, x0, method="Nelder-Mead",
+                       options={"initial_simplex": simplex, "xatol": 2.0, "fatol": 1e-6, "maxfev": 400})
+        if res.fun < best_f:
+            best_x, best_f = res.x, res.fun
+    mean, a, b = (float(v) for v in best_x[:3])
+    phase = float(best_x[3]) % 180.0 if search.fit_phase_shift else float(phase0)
+    half = math.hypot(a, b)
+    half = min(half, 0.5 * search.max_astigmatism_A * 1.5)
+    angle = (0.5 * math.degrees(math.atan2(b, a))) % 180.0
+    cc = -best_f
+
+    resolution, significant = _fit_resolution(spec, log_power, (mean, a, b, phase), lam, cs_A, w,
+                                              k_lo, k_hi)
+    params = CTFParams(defocus_u_A=mean + half, defocus_v_A=mean - half, defocus_angle_deg=angle,
+                       voltage_kV=voltage_kV, cs_mm=cs_mm, amplitude_contrast=amplitude_contrast,
+                       phase_shift_deg=phase)
+    threshold = 5.0 / math.sqrt(max(n_pix, 1))
+    reliable = bool(cc > threshold and significant)
+    if not reliable:
+        warnings.warn(f"no significant Thon rings (cc {cc:.3f}, threshold {threshold:.3f}): the CTF "
+                      "fit is not reliable", CTFFitWarning, stacklevel=2)
+    fit = CTFFit(defocus_u_A=params.defocus_u_A, defocus_v_A=params.defocus_v_A,
+                 defocus_angle_deg=params.defocus_angle_deg, phase_shift_deg=phase, cc=float(cc),
+                 fit_resolution_A=resolution, reliable=reliable)
+    return (fit, spec) if return_spectrum else fit
+
+
+def _smooth(values: np.ndarray, sigma_bins: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter1d
+
+    return gaussian_filter1d(values, sigma_bins, mode="nearest")
+
+
+def _projector(k_bins: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    x = (k_bins - k_bins.mean()) / max(np.ptp(k_bins), 1e-12) * 2.0
+    basis = np.polynomial.legendre.legvander(x, min(_POLY_DEGREE, max(len(k_bins) - 2, 0)))
+    w = counts.astype(np.float64)
+    gram = basis.T @ (basis * w[:, None])
+    return basis @ np.linalg.lstsq(gram, (basis * w[:, None]).T, rcond=None)[0]
+
+
+def _sector_astigmatism(shells, data, weights, mean0, phase0, search, lam, cs_A, w, step):
+    """Astigmatism ``(a, b)`` from 1D defocus searches in angular sectors."""
+    if search.max_astigmatism_A <= 0:
+        return 0.0, 0.0
+    values = to_numpy(data).astype(np.float64)
+    alpha = to_numpy(shells.alpha).astype(np.float64) % np.pi
+    index = to_numpy(shells.index)
+    sector = np.minimum((alpha / np.pi * _N_SECTORS).astype(int), _N_SECTORS - 1)
+    half = 0.6 * search.max_astigmatism_A
+    defoci = np.arange(max(search.min_defocus_A * 0.5, mean0 - half), mean0 + half + step, step / 2)
+    models = _ctf2_profiles(shells.k_bins, defoci, np.array([phase0]), lam, cs_A, w)[:, 0, :]
+    rows, targets, weights_fit = [], [], []
+    for s in range(_N_SECTORS):
+        sel = sector == s
+        counts = np.bincount(index[sel], minlength=shells.n_bins)
+        ok = counts > 0
+        if ok.sum() < 10:
+            continue
+        profile = np.bincount(index[sel], weights=values[sel], minlength=shells.n_bins)[ok] / counts[ok]
+        projector = _projector(shells.k_bins[ok], counts[ok])
+        ncc = _ncc_1d(profile, weights[ok], models[:, ok], projector)
+        best = int(np.argmax(ncc))
+        centre = (s + 0.5) * np.pi / _N_SECTORS
+        rows.append([1.0, np.cos(2 * centre), np.sin(2 * centre)])
+        targets.append(defoci[best])
+        weights_fit.append(max(float(ncc[best]), 1e-3))
+    if len(rows) < 3:
+        return 0.0, 0.0
+    wts = np.sqrt(np.asarray(weights_fit))
+    coef = np.linalg.lstsq(np.asarray(rows) * wts[:, None], np.asarray(targets) * wts, rcond=None)[0]
+    # A sector averages df over its width: the cos/sin amplitudes shrink by sinc(width).
+    width = np.pi / _N_SECTORS
+    shrink = np.sin(width) / width
+    return float(coef[1] / shrink), float(coef[2] / shrink)
+
+
+def _fit_resolution(spec, log_power, params, lam, cs_A, w, k_lo, k_hi):
+    """Highest frequency up to which the fitted CTF^2 correlates significantly (3 sigma)."""
+    mean, a, b, phase = params
+    xp = namespace(log_power)
+    k_max = float(to_numpy(xp.max(xp.sqrt(spec.ky**2 + 0.0 * spec.kx) + 0.0 * spec.kx)))
+    k_max = min(k_max, float(to_numpy(xp.max(spec.kx))), 0.5 / spec.pixel_size_A)
+    dk = float(to_numpy(spec.kx[0, 1] - spec.kx[0, 0]))
+    n_bins = max(8, int((k_max - k_lo) / dk))
+    shells = _Shells(spec, k_lo, k_max, n_bins)
+    d = shells.filter(shells.select(log_power))
+    m = shells.filter(_ctf2(shells.k, shells.alpha, mean, a, b, phase, lam, cs_A, w))
+    counts = shells.counts.astype(np.float64)
+    sdm = to_numpy(shells.radial_mean(d * m)).astype(np.float64) * counts
+    sdd = to_numpy(shells.radial_mean(d * d)).astype(np.float64) * counts
+    smm = to_numpy(shells.radial_mean(m * m)).astype(np.float64) * counts
+    k_bins = shells.k_bins
+    resolution = float("nan")
+    significant = False
+    failures = 0
+    i = 0
+    while i < len(k_bins):
+        k = k_bins[i]
+        slope = abs(lam * mean * k - cs_A * lam**3 * k**3)
+        width = 2.0 / (2.0 * max(slope, 1e-9))  # two ring periods
+        j = max(i + 3, int(np.searchsorted(k_bins, k + width)))
+        j = min(j, len(k_bins))
+        n = counts[i:j].sum()
+        corr = sdm[i:j].sum() / (math.sqrt(sdd[i:j].sum() * smm[i:j].sum()) + 1e-30)
+        if corr > 3.0 / math.sqrt(max(n, 1.0)):
+            resolution = 1.0 / k_bins[j - 1]
+            significant = significant or k_bins[i] < k_hi
+            failures = 0
+        else:
+            failures += 1
+            if failures >= 2:
+                break
+        i = j
+    return resolution, significant
+
+
+def _unreliable(search: CTFSearch, why: str, return_spectrum: bool, spec):
+    warnings.warn(f"no CTF fit: {why}", CTFFitWarning, stacklevel=3)
+    nan = float("nan")
+    fit = CTFFit(defocus_u_A=nan, defocus_v_A=nan, defocus_angle_deg=nan, phase_shift_deg=nan,
+                 cc=0.0, fit_resolution_A=nan, reliable=False)
+    return (fit, spec) if return_spectrum else fit
