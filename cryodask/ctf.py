@@ -122,7 +122,7 @@ def _bin_factor(n: int, pixel_size_A: float, search: CTFSearch, lam: float) -> i
     if search.box_size is not None:
         return max(1, n // search.box_size)
     k_max = 1.0 / search.max_resolution_A
-    dk_target = 1.0 / (4.0 * lam * (search.max_defocus_A + search.max_astigmatism_A) * k_max)
+    dk_target = 1.0 / (3.0 * lam * (search.max_defocus_A + search.max_astigmatism_A) * k_max)
     return max(1, int(dk_target * n * pixel_size_A))
 
 
@@ -145,7 +145,7 @@ def fit_spectrum(image, *, pixel_size_A: float, search: CTFSearch = CTFSearch(),
     lam = electron_wavelength_A(voltage_kV)
     by = _bin_factor(ny, pixel_size_A, search, lam)
     bx = _bin_factor(nx, pixel_size_A, search, lam)
-    image = xp.astype(image, xp.float32)
+    image = xp.astype(image, xp.float32, copy=False)
     f = fft.rfftn(image - xp.mean(image), axes=(0, 1))
     my = min(int(math.ceil(k_limit * ny * pixel_size_A)) + by, ny // 2)
     mx = min(int(math.ceil(k_limit * nx * pixel_size_A)) + bx, nx // 2)
@@ -184,6 +184,10 @@ class _Shells:
         self.keep = keep
         self.k = k[keep]
         self.alpha = xp.atan2(ky + 0.0 * kx, kx + 0.0 * ky)[keep]
+        self.cos2 = xp.cos(2.0 * self.alpha)
+        self.sin2 = xp.sin(2.0 * self.alpha)
+        self.k2 = self.k * self.k
+        self.k4 = self.k2 * self.k2
         self.values = None
         edges = np.linspace(k_lo, k_hi, n_bins + 1)
         kk = to_numpy(self.k).astype(np.float64)
@@ -223,11 +227,11 @@ class _Shells:
         return v - xp.take(background, self.index, axis=-1)
 
 
-def _ctf2(k, alpha, mean, a, b, phase_deg, lam, cs_A, w):
-    xp = namespace(k)
-    df = mean + a * xp.cos(2.0 * alpha) + b * xp.sin(2.0 * alpha)
-    k2 = k * k
-    chi = (math.pi * lam) * df * k2 - (0.5 * math.pi * cs_A * lam**3) * (k2 * k2)
+def _ctf2(shells, mean, a, b, phase_deg, lam, cs_A, w):
+    """CTF^2 on the annulus' pixels; ``df(alpha) = mean + a·cos 2alpha + b·sin 2alpha``."""
+    xp = shells.xp
+    df = mean + a * shells.cos2 + b * shells.sin2
+    chi = (math.pi * lam) * df * shells.k2 - (0.5 * math.pi * cs_A * lam**3) * shells.k4
     s = xp.sin(chi + (math.radians(phase_deg) + w))
     return s * s
 
@@ -313,7 +317,7 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
     n_pix = int(shells.counts.sum())
 
     def score(mean, a, b, phase):
-        m = shells.filter(_ctf2(shells.k, shells.alpha, mean, a, b, phase, lam, cs_A, w))
+        m = shells.filter(_ctf2(shells, mean, a, b, phase, lam, cs_A, w))
         return float(xp.sum(wdata * m)) / (math.sqrt(wnorm * float(xp.sum(m * m))) + 1e-30)
 
     if empty or wnorm == 0:
@@ -336,16 +340,12 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
     def cost(p):
         return -score(p[0], p[1], p[2], p[3] if search.fit_phase_shift else phase0)
 
-    starts = [(mean0, a0, b0), (mean0, 0.0, 0.0)]
-    best_x, best_f = None, np.inf
-    for start in starts:
-        x0 = list(start) + ([phase0] if search.fit_phase_shift else [])
-        simplex_step = [4 * step, 2 * step + 50, 2 * step + 50] + ([10.0] if search.fit_phase_shift else [])
-        simplex = np.array([x0] + [np.add(x0, np.eye(len(x0))[i] * simplex_step[i]) for i in range(len(x0))])
-        res = minimize(cost, x0, method="Nelder-Mead",
-                       options={"initial_simplex": simplex, "xatol": 2.0, "fatol": 1e-6, "maxfev": 400})
-        if res.fun < best_f:
-            best_x, best_f = res.x, res.fun
+    x0 = [mean0, a0, b0] + ([phase0] if search.fit_phase_shift else [])
+    simplex_step = [2 * step, step + 50, step + 50] + ([10.0] if search.fit_phase_shift else [])
+    simplex = np.array([x0] + [np.add(x0, np.eye(len(x0))[i] * simplex_step[i]) for i in range(len(x0))])
+    res = minimize(cost, x0, method="Nelder-Mead",
+                   options={"initial_simplex": simplex, "xatol": 2.0, "fatol": 1e-6, "maxfev": 400})
+    best_x, best_f = res.x, res.fun
     mean, a, b = (float(v) for v in best_x[:3])
     phase = float(best_x[3]) % 180.0 if search.fit_phase_shift else float(phase0)
     half = math.hypot(a, b)
@@ -429,7 +429,7 @@ def _fit_resolution(spec, log_power, params, lam, cs_A, w, k_lo, k_hi):
     n_bins = max(8, int((k_max - k_lo) / dk))
     shells = _Shells(spec, k_lo, k_max, n_bins)
     d = shells.filter(shells.select(log_power))
-    m = shells.filter(_ctf2(shells.k, shells.alpha, mean, a, b, phase, lam, cs_A, w))
+    m = shells.filter(_ctf2(shells, mean, a, b, phase, lam, cs_A, w))
     counts = shells.counts.astype(np.float64)
     sdm = to_numpy(shells.radial_mean(d * m)).astype(np.float64) * counts
     sdd = to_numpy(shells.radial_mean(d * d)).astype(np.float64) * counts
