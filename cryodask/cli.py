@@ -83,6 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest_options(p)
     _add_cluster(p)
 
+    p = sub.add_parser("ctf", help="estimate the CTF of micrographs; write RELION STAR",
+                       description="Estimate defocus U/V, astigmatism angle (and phase shift) of "
+                                   "each micrograph from its power spectrum; write a RELION 3.1 "
+                                   "micrographs_ctf.star and optionally a CTFFIND-style table and "
+                                   "diagnostic pictures. Given a store, results are also added to it.")
+    p.add_argument("inputs", nargs="+", metavar="FILES_OR_STORE",
+                   help="micrograph files / globs, or one cryodask store")
+    p.add_argument("--out", default="micrographs_ctf.star", help="STAR file to write (default micrographs_ctf.star)")
+    p.add_argument("--ctffind-txt", metavar="FILE", help="also write a CTFFIND-style text table")
+    p.add_argument("--diagnostics", metavar="DIR", help="write <name>_ctf.png per micrograph into DIR")
+    g = p.add_argument_group("acquisition (for files; a store has its own)")
+    g.add_argument("--pixel-size", type=float, metavar="Å", help="pixel size in Å (default: MRC header)")
+    g.add_argument("--voltage", type=float, metavar="kV", help="kV (default: metadata, else 300)")
+    g.add_argument("--cs", type=float, metavar="mm", help="spherical aberration in mm (default: metadata, else 2.7)")
+    g.add_argument("--amplitude-contrast", type=float, metavar="Q0", help="(default: metadata, else 0.07)")
+    g.add_argument("--stack", choices=("auto", "micrographs", "sum", "error"), default="auto",
+                   help="multi-image files: a stack of micrographs or a movie to sum")
+    g = p.add_argument_group("search")
+    g.add_argument("--min-res", type=float, default=30.0, metavar="Å", help="low-resolution limit of the fit (default 30)")
+    g.add_argument("--max-res", type=float, default=5.0, metavar="Å", help="high-resolution limit of the fit (default 5)")
+    g.add_argument("--min-defocus", type=float, default=3000.0, metavar="Å", help="default 3000 (0.3 µm)")
+    g.add_argument("--max-defocus", type=float, default=50000.0, metavar="Å", help="default 50000 (5 µm)")
+    g.add_argument("--max-astigmatism", type=float, default=3000.0, metavar="Å", help="default 3000")
+    g.add_argument("--phase-shift", action="store_true", help="also fit a phase-plate phase shift")
+    g.add_argument("--box-size", type=int, metavar="PX",
+                   help="spectrum sampling as an equivalent tile size (default: from the search range)")
+    _add_cluster(p)
+
     p = sub.add_parser("info", help="say what a store holds",
                        description="Print a store's dimensions, variables and acquisition values.")
     p.add_argument("store")
@@ -109,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "info": cmd_info,
-               "demo": cmd_demo}[args.command]
+               "demo": cmd_demo, "ctf": cmd_ctf}[args.command]
     try:
         with dask.config.set({"cryodask.progress": sys.stderr.isatty()}):
             handler(args)
@@ -153,6 +181,93 @@ def cmd_ingest(args) -> None:
         ds = ingest(args.files, args.out, overwrite=args.overwrite, **_ingest_kwargs(args))
     print(f"ingested {ds.sizes['micrograph']} micrographs of {ds.sizes['y']}x{ds.sizes['x']} "
           f"into {args.out}")
+
+
+def _is_store(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "zarr.json"))
+
+
+def _open_inputs(args):
+    """A lazy dataset of the inputs: one store, or micrograph files (nothing written)."""
+    from cryodask.ingest import micrographs_dataset
+    from cryodask.io.store import open_dataset
+
+    if len(args.inputs) == 1 and _is_store(args.inputs[0]):
+        return open_dataset(args.inputs[0]), args.inputs[0]
+    stores = [p for p in args.inputs if _is_store(p)]
+    if stores:
+        raise CLIError(f"give one store, or micrograph files, not both ({stores[0]})")
+    ds = micrographs_dataset(args.inputs, pixel_size_A=args.pixel_size, voltage_kV=args.voltage,
+                             cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast, stack=args.stack)
+    return ds, None
+
+
+def cmd_ctf(args) -> None:
+    import dask
+    import xarray as xr
+
+    from cryodask import pipeline, progress
+    from cryodask.ctf import CTFSearch
+    from cryodask.io.export import output_stem
+    from cryodask.io.star import write_ctf_star, write_ctffind_table
+    from cryodask.io.store import write_variables
+
+    search = CTFSearch(min_resolution_A=args.min_res, max_resolution_A=args.max_res,
+                       min_defocus_A=args.min_defocus, max_defocus_A=args.max_defocus,
+                       max_astigmatism_A=args.max_astigmatism, fit_phase_shift=args.phase_shift,
+                       box_size=args.box_size)
+    with _with_cluster(args.cluster):
+        ds, store = _open_inputs(args)
+        start = time.perf_counter()
+        (results,) = progress.compute(pipeline.estimate_ctf_dataset(ds, search=search))
+        elapsed = time.perf_counter() - start
+        if store is not None:
+            write_variables(results, store, overwrite=True)
+        if args.diagnostics:
+            from cryodask.ctf_plot import plot_ctf_fit
+
+            os.makedirs(args.diagnostics, exist_ok=True)
+            tasks = [dask.delayed(_plot_one)(ds["image"].data[i], results.isel(micrograph=i),
+                                             ds.isel(micrograph=i), search,
+                                             os.path.join(args.diagnostics,
+                                                          output_stem(str(name)) + "_ctf.png"))
+                     for i, name in enumerate(ds["micrograph_name"].values)]
+            progress.compute(*tasks)
+    table = xr.merge([ds[["micrograph_name", "pixel_size_A", "voltage_kV", "cs_mm",
+                          "amplitude_contrast"]].compute(), results])
+    write_ctf_star(table, args.out, phase_shift=args.phase_shift or None)
+    if args.ctffind_txt:
+        write_ctffind_table(table, args.ctffind_txt, search=search)
+    n = table.sizes["micrograph"]
+    print(f"{'micrograph':<40} {'defocus U':>10} {'defocus V':>10} {'angle':>7} {'cc':>7} {'res (Å)':>8}")
+    for i in range(n):
+        row = table.isel(micrograph=i)
+        flag = "" if bool(row["ctf_reliable"]) else "  UNRELIABLE"
+        print(f"{str(row['micrograph_name'].values)[-40:]:<40} {float(row['defocus_u_A']):>10.0f} "
+              f"{float(row['defocus_v_A']):>10.0f} {float(row['defocus_angle_deg']):>7.1f} "
+              f"{float(row['ctf_cc']):>7.3f} {float(row['ctf_fit_resolution_A']):>8.2f}{flag}")
+    bad = int((~table["ctf_reliable"]).sum())
+    if bad:
+        print(f"warning: {bad} of {n} micrographs show no significant Thon rings; their CTF "
+              "values are not to be trusted (rlnCtfFigureOfMerit is low)", file=sys.stderr)
+    print(f"estimated {n} CTFs in {elapsed:.1f} s ({elapsed / n:.2f} s per micrograph) -> {args.out}"
+          + (f" and {store}" if store else ""))
+
+
+def _plot_one(image, result, meta, search, path):
+    from cryodask.ctf import CTFFit
+    from cryodask.ctf_plot import plot_ctf_fit
+
+    fit = CTFFit(**{name: float(result[var]) for name, var in (
+        ("defocus_u_A", "defocus_u_A"), ("defocus_v_A", "defocus_v_A"),
+        ("defocus_angle_deg", "defocus_angle_deg"), ("phase_shift_deg", "phase_shift_deg"),
+        ("cc", "ctf_cc"), ("fit_resolution_A", "ctf_fit_resolution_A"))},
+        reliable=bool(result["ctf_reliable"]))
+    plot_ctf_fit(image, fit, path, pixel_size_A=float(meta["pixel_size_A"]),
+                 voltage_kV=float(meta["voltage_kV"]), cs_mm=float(meta["cs_mm"]),
+                 amplitude_contrast=float(meta["amplitude_contrast"]), search=search,
+                 title=os.path.basename(path))
+    return path
 
 
 def describe_store(path) -> str:

@@ -301,7 +301,9 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
     k_res = min(0.98 * nyquist, max(k_hi, 1.0 / 3.0))
     spec = fit_spectrum(image, pixel_size_A=pixel_size_A, search=search, voltage_kV=voltage_kV,
                         k_limit=k_res)
-    log_power = xp.log(spec.power + 1e-30 + 1e-6 * xp.mean(spec.power))
+    if not float(xp.max(spec.power)) > 0:
+        return _unreliable(search, "the image has no variance", return_spectrum, spec)
+    log_power = xp.log(spec.power + 1e-6 * xp.mean(spec.power))
     dk = float(to_numpy(spec.kx[0, 1] - spec.kx[0, 0])) if spec.kx.shape[1] > 1 else k_hi
     n_bins = max(8, int((k_hi - k_lo) / dk))
     shells = _Shells(spec, k_lo, k_hi, n_bins)
@@ -338,7 +340,8 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
 
     # 3. Refine in 2D.
     def cost(p):
-        return -score(p[0], p[1], p[2], p[3] if search.fit_phase_shift else phase0)
+        p = [float(v) for v in p]
+        return -score(p[0], p[1], p[2], p[3] if search.fit_phase_shift else float(phase0))
 
     x0 = [mean0, a0, b0] + ([phase0] if search.fit_phase_shift else [])
     simplex_step = [2 * step, step + 50, step + 50] + ([10.0] if search.fit_phase_shift else [])

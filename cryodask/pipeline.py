@@ -10,9 +10,24 @@ import array_api_compat
 import numpy as np
 import xarray as xr
 
+import warnings
+
+from cryodask.ctf import CTFFitWarning, CTFSearch, estimate_ctf
 from cryodask.spectrum import power_spectrum
 
-__all__ = ["check_image_chunks", "image_statistics", "power_spectra"]
+__all__ = ["CTF_VARIABLES", "check_image_chunks", "estimate_ctf_dataset", "image_statistics",
+           "power_spectra"]
+
+#: The variables :func:`estimate_ctf_dataset` returns, with their units.
+CTF_VARIABLES = {
+    "defocus_u_A": "Å",
+    "defocus_v_A": "Å",
+    "defocus_angle_deg": "degree",
+    "phase_shift_deg": "degree",
+    "ctf_cc": "1",
+    "ctf_fit_resolution_A": "Å",
+    "ctf_reliable": "bool",
+}
 
 
 def check_image_chunks(image: xr.DataArray) -> None:
@@ -83,3 +98,58 @@ def _spectrum_stack(images, *, tile_size, overlap):
     out = xp.stack([power_spectrum(flat[i, ...], tile_size=tile_size, overlap=overlap)
                     for i in range(flat.shape[0])])
     return xp.reshape(out, (*images.shape[:-2], tile_size, tile_size // 2 + 1))
+
+
+def _ctf_block(images, pixel, voltage, cs, ac, *, search):
+    out = np.empty((images.shape[0], len(CTF_VARIABLES)), dtype=np.float64)
+    for i in range(images.shape[0]):
+        with warnings.catch_warnings():
+            # Recorded in ctf_reliable; the caller reports it (workers' warnings are lost).
+            warnings.simplefilter("ignore", CTFFitWarning)
+            fit = estimate_ctf(images[i], pixel_size_A=float(pixel[i]), voltage_kV=float(voltage[i]),
+                               cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]), search=search)
+        out[i] = [fit.defocus_u_A, fit.defocus_v_A, fit.defocus_angle_deg, fit.phase_shift_deg,
+                  fit.cc, fit.fit_resolution_A, float(fit.reliable)]
+    return out
+
+
+def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch()) -> xr.Dataset:
+    """Estimate the CTF of every micrograph, lazily, one task per micrograph.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        With ``image (micrograph, y, x)`` and per-micrograph ``pixel_size_A``,
+        ``voltage_kV``, ``cs_mm`` and ``amplitude_contrast``.
+    search : CTFSearch
+
+    Returns
+    -------
+    xarray.Dataset
+        The variables of :data:`CTF_VARIABLES` along ``micrograph`` (``ctf_reliable`` is
+        False where the spectrum shows no significant Thon rings).
+    """
+    image = ds["image"]
+    check_image_chunks(image)
+    chunks = image.chunks[0] if image.chunks is not None else None
+    scalars = []
+    for name in ("pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast"):
+        var = ds[name].astype(np.float64)
+        scalars.append(var.chunk({"micrograph": chunks}) if chunks is not None else var)
+    result = xr.apply_ufunc(
+        _ctf_block, image, *scalars,
+        input_core_dims=[["y", "x"], [], [], [], []],
+        output_core_dims=[["ctf_field"]],
+        dask="parallelized",
+        output_dtypes=[np.float64],
+        dask_gufunc_kwargs={"output_sizes": {"ctf_field": len(CTF_VARIABLES)}},
+        kwargs={"search": search},
+        keep_attrs=False,
+    )
+    out = xr.Dataset()
+    for i, (name, units) in enumerate(CTF_VARIABLES.items()):
+        values = result.isel(ctf_field=i, drop=True)
+        values = values.astype(bool) if name == "ctf_reliable" else values.astype(np.float32)
+        out[name] = values.assign_attrs(units=units)
+    out.attrs["ctf_search"] = repr(search)
+    return out
