@@ -37,7 +37,15 @@ from scipy.optimize import minimize
 from cryodask.backend import fft_module, namespace, to_numpy
 from cryodask.physics import CTFParams, electron_wavelength_A
 
-__all__ = ["CTFFit", "CTFFitWarning", "CTFSearch", "FitSpectrum", "estimate_ctf", "fit_spectrum"]
+__all__ = [
+    "CTFFit",
+    "CTFFitWarning",
+    "CTFSearch",
+    "FitSpectrum",
+    "clip_outliers",
+    "estimate_ctf",
+    "fit_spectrum",
+]
 
 _POLY_DEGREE = 6
 _N_SECTORS = 6
@@ -126,12 +134,33 @@ def _bin_factor(n: int, pixel_size_A: float, search: CTFSearch, lam: float) -> i
     return max(1, int(dk_target * n * pixel_size_A))
 
 
+def clip_outliers(image, n_sigma: float = 6.0):
+    """Replace pixels more than ``n_sigma`` robust standard deviations from the median by
+    the median (both tails: hot pixels and X-rays, dead lines and dropouts).
+
+    Median and spread (1.4826 x the median absolute deviation) come from every 8th pixel
+    in each direction. A guard for the power spectrum only, not an artifact correction.
+    """
+    xp = namespace(image)
+    sample = xp.reshape(image[::8, ::8], (-1,))
+    ordered = xp.sort(sample)
+    median = float(ordered[ordered.shape[0] // 2])
+    deviation = xp.sort(xp.abs(sample - median))
+    sigma = 1.4826 * float(deviation[deviation.shape[0] // 2])
+    if not sigma > 0:
+        return image
+    return xp.where(xp.abs(image - median) > n_sigma * sigma, xp.asarray(median, dtype=image.dtype), image)
+
+
 def fit_spectrum(image, *, pixel_size_A: float, search: CTFSearch = CTFSearch(),
-                 voltage_kV: float = 300.0, k_limit: float | None = None) -> FitSpectrum:
+                 voltage_kV: float = 300.0, k_limit: float | None = None,
+                 clip_sigma: float | None = 6.0) -> FitSpectrum:
     """The block-averaged power spectrum of a micrograph over the disc ``|k| <= k_limit``.
 
     One ``rfftn`` of the mean-subtracted image; the power is computed only inside the
-    disc's bounding box and averaged in blocks (see the module notes).
+    disc's bounding box and averaged in blocks (see the module notes). Pixels further than
+    ``clip_sigma`` robust standard deviations from the median are first set to the median
+    (:func:`clip_outliers`); ``None`` turns that off.
     """
     xp = namespace(image)
     fft = fft_module(image)
@@ -146,6 +175,8 @@ def fit_spectrum(image, *, pixel_size_A: float, search: CTFSearch = CTFSearch(),
     by = _bin_factor(ny, pixel_size_A, search, lam)
     bx = _bin_factor(nx, pixel_size_A, search, lam)
     image = xp.astype(image, xp.float32, copy=False)
+    if clip_sigma is not None:
+        image = clip_outliers(image, clip_sigma)
     f = fft.rfftn(image - xp.mean(image), axes=(0, 1))
     my = min(int(math.ceil(k_limit * ny * pixel_size_A)) + by, ny // 2)
     mx = min(int(math.ceil(k_limit * nx * pixel_size_A)) + bx, nx // 2)
@@ -255,7 +286,7 @@ def _ncc_1d(profile, weights, models, projector):
 
 def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm: float = 2.7,
                  amplitude_contrast: float = 0.07, search: CTFSearch = CTFSearch(),
-                 return_spectrum: bool = False):
+                 clip_sigma: float | None = 6.0, return_spectrum: bool = False):
     """Estimate the CTF of one micrograph.
 
     Parameters
@@ -266,6 +297,8 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
         Acquisition parameters.
     search : CTFSearch
         Fit band and search ranges.
+    clip_sigma : float or None
+        Outlier guard before the FFT (see :func:`clip_outliers`); None turns it off.
     return_spectrum : bool
         Also return the :class:`FitSpectrum` the fit used.
 
@@ -300,7 +333,7 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
                          f"fit below Nyquist ({2 * pixel_size_A:.2f} Å) at {pixel_size_A} Å/pixel")
     k_res = min(0.98 * nyquist, max(k_hi, 1.0 / 3.0))
     spec = fit_spectrum(image, pixel_size_A=pixel_size_A, search=search, voltage_kV=voltage_kV,
-                        k_limit=k_res)
+                        k_limit=k_res, clip_sigma=clip_sigma)
     if not float(xp.max(spec.power)) > 0:
         return _unreliable(search, "the image has no variance", return_spectrum, spec)
     log_power = xp.log(spec.power + 1e-6 * xp.mean(spec.power))

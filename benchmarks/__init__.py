@@ -1,0 +1,1 @@
+"""cryodask's benchmark suite: timings as ratios to a floor measured in the same run."""
