@@ -311,7 +311,7 @@ def _add_xrays(rng, image, mask, n, sigma_counts):
             if p not in pixels:
                 pixels.append(p)
         ys, xs = np.array(pixels).T
+        # A track deposits energy in every pixel it crosses: all well above the noise.
         peak = sigma_counts * rng.uniform(30.0, 300.0)
-        dist2 = (ys - ys[0]) ** 2 + (xs - xs[0]) ** 2
-        image[ys, xs] += peak * np.exp(-dist2 / (2.0 * 2.0**2))
+        image[ys, xs] += peak * rng.uniform(0.3, 1.0, size=len(pixels))
         mask[ys, xs] = np.where(mask[ys, xs] == artifacts.DEFECT, artifacts.DEFECT, artifacts.XRAY)
