@@ -111,6 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spectrum sampling as an equivalent tile size (default: from the search range)")
     _add_cluster(p)
 
+    p = sub.add_parser("clean", help="correct hot pixels, X-rays and detector defects",
+                       description="Find impulse artifacts (hot pixels, X-ray clusters) in each "
+                                   "micrograph and fixed defects and the residual gain pattern "
+                                   "across all of them; write DIR/<name>.mrc (corrected, float32, "
+                                   "same shape and voxel size) and DIR/<name>_mask.mrc (8-bit, MRC mode 0: "
+                                   "0 good, 1 hot pixel, 2 X-ray, 3 defect). Inputs are not modified.")
+    p.add_argument("inputs", nargs="+", metavar="FILES_OR_STORE",
+                   help="micrograph files / globs, or one cryodask store")
+    p.add_argument("--out-dir", required=True, help="folder for the corrected micrographs and masks")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--gain", metavar="FILE", help="gain reference (MRC/TIFF) to multiply each micrograph by")
+    p.add_argument("--gain-rotate", type=int, default=0, choices=(0, 1, 2, 3),
+                   help="quarter turns of the gain reference from +x towards +y (MotionCor2 -RotGain)")
+    p.add_argument("--gain-flip", type=int, default=0, choices=(0, 1, 2),
+                   help="flip the gain reference after rotating: 1 upside down, 2 left-right")
+    p.add_argument("--defects", metavar="FILE", help="defect file: 'x y width height' per line (MotionCor2)")
+    p.add_argument("--no-dataset", action="store_true",
+                   help="judge each micrograph alone: no dataset defect map or gain estimate")
+    p.add_argument("--no-gain-estimate", action="store_true",
+                   help="find defects across the dataset but do not divide by its gain estimate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fill noise (default 0)")
+    g = p.add_argument_group("acquisition (for files)")
+    g.add_argument("--pixel-size", type=float, metavar="Å", help="pixel size in Å (default: MRC header)")
+    g.add_argument("--stack", choices=("auto", "micrographs", "sum", "error"), default="auto",
+                   help="multi-image files: a stack of micrographs or a movie to sum")
+    _add_cluster(p)
+
     p = sub.add_parser("info", help="say what a store holds",
                        description="Print a store's dimensions, variables and acquisition values.")
     p.add_argument("store")
@@ -137,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "info": cmd_info,
-               "demo": cmd_demo, "ctf": cmd_ctf}[args.command]
+               "demo": cmd_demo, "ctf": cmd_ctf, "clean": cmd_clean}[args.command]
     try:
         with dask.config.set({"cryodask.progress": sys.stderr.isatty()}):
             handler(args)
@@ -197,8 +224,9 @@ def _open_inputs(args):
     stores = [p for p in args.inputs if _is_store(p)]
     if stores:
         raise CLIError(f"give one store, or micrograph files, not both ({stores[0]})")
-    ds = micrographs_dataset(args.inputs, pixel_size_A=args.pixel_size, voltage_kV=args.voltage,
-                             cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast, stack=args.stack)
+    ds = micrographs_dataset(args.inputs, pixel_size_A=args.pixel_size,
+                             voltage_kV=getattr(args, "voltage", None), cs_mm=getattr(args, "cs", None),
+                             amplitude_contrast=getattr(args, "amplitude_contrast", None), stack=args.stack)
     return ds, None
 
 
@@ -252,6 +280,47 @@ def cmd_ctf(args) -> None:
               "values are not to be trusted (rlnCtfFigureOfMerit is low)", file=sys.stderr)
     print(f"estimated {n} CTFs in {elapsed:.1f} s ({elapsed / n:.2f} s per micrograph) -> {args.out}"
           + (f" and {store}" if store else ""))
+
+
+def cmd_clean(args) -> None:
+    import numpy as np
+
+    from cryodask import progress
+    from cryodask.clean import clean_dataset
+    from cryodask.defects import read_defect_file, read_gain_reference
+    from cryodask.io.export import export_mrc
+    from cryodask.io.store import write_variables
+
+    with _with_cluster(args.cluster):
+        ds, store = _open_inputs(args)
+        shape = (ds.sizes["y"], ds.sizes["x"])
+        gain = (read_gain_reference(args.gain, rotate=args.gain_rotate, flip=args.gain_flip, shape=shape)
+                if args.gain else None)
+        known = read_defect_file(args.defects, shape) if args.defects else None
+        start = time.perf_counter()
+        cleaned = clean_dataset(ds, gain_reference=gain, defects=known,
+                                dataset_defects=not args.no_dataset,
+                                gain_correction=False if args.no_gain_estimate else None, seed=args.seed)
+        out = cleaned.assign(micrograph_name=ds["micrograph_name"], pixel_size_A=ds["pixel_size_A"])
+        tasks = (export_mrc(out, args.out_dir, variable="image_clean", dtype="float32",
+                            overwrite=args.overwrite, compute=False)
+                 + export_mrc(out, args.out_dir, variable="artifact_mask", dtype="int8", suffix="_mask",
+                              overwrite=args.overwrite, compute=False))
+        counts = cleaned[["n_hot_pixels", "n_xray_pixels", "n_defect_pixels"]]
+        *_, counts = progress.compute(*tasks, counts)
+        if store is not None:
+            write_variables(cleaned, store, overwrite=True)
+        elapsed = time.perf_counter() - start
+    n = ds.sizes["micrograph"]
+    print(f"{'micrograph':<40} {'hot px':>8} {'X-ray px':>9} {'defect px':>10}")
+    for i, name in enumerate(ds["micrograph_name"].values):
+        print(f"{str(name)[-40:]:<40} {int(counts['n_hot_pixels'][i]):>8} "
+              f"{int(counts['n_xray_pixels'][i]):>9} {int(counts['n_defect_pixels'][i]):>10}")
+    if "defect_map" in cleaned:
+        applied = bool(cleaned["gain_estimate"].attrs["applied"])
+        print(f"dataset: {int(np.asarray(cleaned['defect_map']).sum())} defective pixels found across {n} "
+              f"micrographs; residual gain estimate {'applied' if applied else 'not applied'}")
+    print(f"cleaned {n} micrographs in {elapsed:.1f} s -> {args.out_dir}/" + (f" and {store}" if store else ""))
 
 
 def _plot_one(image, result, meta, search, path):

@@ -35,7 +35,7 @@ def _write_one(path, data, pixel_size_A, dtype, overwrite):
 
 
 def export_mrc(ds: xr.Dataset, out_dir, *, variable: str = "image", dtype: str = "source",
-               suffix: str = "", overwrite: bool = False) -> list[str]:
+               suffix: str = "", overwrite: bool = False, compute: bool = True) -> list:
     """Write each micrograph of ``ds[variable]`` to ``out_dir/<stem><suffix>.mrc``.
 
     Parameters
@@ -51,10 +51,14 @@ def export_mrc(ds: xr.Dataset, out_dir, *, variable: str = "image", dtype: str =
     suffix : str
         Added to each file stem, e.g. ``"_mask"``.
 
+    compute : bool
+        False returns the write tasks (Dask delayed objects) instead, so that several
+        exports of one lazy computation run together.
+
     Returns
     -------
     list of str
-        The paths written, in micrograph order.
+        The paths written, in micrograph order (or the tasks that write them).
     """
     if variable not in ds:
         raise KeyError(f"the dataset has no variable {variable!r}; it has {sorted(ds.data_vars)}")
@@ -78,4 +82,4 @@ def export_mrc(ds: xr.Dataset, out_dir, *, variable: str = "image", dtype: str =
         dask.delayed(_write_one)(path, da_.data[i], float(pixel[i]), dtypes[i], overwrite)
         for i, path in enumerate(paths)
     ]
-    return list(progress.compute(*tasks))
+    return list(progress.compute(*tasks)) if compute else tasks

@@ -1,0 +1,157 @@
+"""Artifact removal over a dataset: the map/reduce around :mod:`cryodask.artifacts`.
+
+Two passes over the micrographs:
+
+1. *measure* (map, then reduce): impulses of each micrograph, summed into per-pixel
+   statistics, give the dataset's defect map and residual gain estimate
+   (:mod:`cryodask.defects`);
+2. *correct* (map): each micrograph is multiplied by the user's gain reference (if any),
+   divided by the gain estimate, and its impulses and defects are replaced by
+   noise-consistent values.
+
+Everything is lazy until the caller computes or writes it.
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from cryodask import progress
+from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY, correct_pixels, find_impulses
+from cryodask.defects import N_STATISTICS, DatasetDefects, estimate_defects, micrograph_statistics
+from cryodask.pipeline import check_image_chunks
+
+__all__ = ["MIN_DATASET_MICROGRAPHS", "clean_dataset", "measure_defects"]
+
+#: Fewer micrographs than this give no dataset defect map or gain estimate.
+MIN_DATASET_MICROGRAPHS = 4
+#: The gain estimate is applied from this many micrographs on.
+MIN_GAIN_MICROGRAPHS = 8
+
+
+def _stats_block(block, gain, defects):
+    image = block[0] * gain[0]
+    found = find_impulses(image, defects=defects[0] > 0)
+    stats = micrograph_statistics(image, found.mask)
+    extra = np.array([float(np.median(image[::4, ::4])), found.fano], dtype=np.float32)
+    out = np.zeros((1, N_STATISTICS + 1, *image.shape), dtype=np.float32)
+    out[0, :N_STATISTICS] = stats
+    out[0, N_STATISTICS, 0, :2] = extra  # median counts and Fano factor ride along
+    return out
+
+
+def _inputs(ds, gain_reference, defects):
+    image = ds["image"]
+    check_image_chunks(image)
+    shape = (image.sizes["y"], image.sizes["x"])
+    data = image.data if isinstance(image.data, da.Array) else da.from_array(image.data, chunks=(1, -1, -1))
+    gain = np.ones(shape, np.float32) if gain_reference is None else np.asarray(gain_reference, np.float32)
+    known = np.zeros(shape, np.float32) if defects is None else np.asarray(defects, np.float32)
+    for name, arr in (("gain_reference", gain), ("defects", known)):
+        if arr.shape != shape:
+            raise ValueError(f"{name} has shape {arr.shape}; the micrographs are {shape}")
+    return data, da.from_array(gain[None], chunks=-1), da.from_array(known[None], chunks=-1)
+
+
+def measure_defects(ds: xr.Dataset, *, gain_reference=None, defects=None) -> DatasetDefects:
+    """Pass 1: find the dataset's fixed defects and residual gain pattern (computes).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        With ``image (micrograph, y, x)``, at least :data:`MIN_DATASET_MICROGRAPHS`.
+    gain_reference : (y, x) array, optional
+        Multiplies every micrograph first (see :func:`cryodask.defects.read_gain_reference`).
+    defects : (y, x) bool array, optional
+        Known defects (e.g. from a defect file), added to what is found.
+    """
+    data, gain, known = _inputs(ds, gain_reference, defects)
+    n = data.shape[0]
+    stats = da.map_blocks(_stats_block, data, gain, known, dtype=np.float32,
+                          chunks=(data.chunks[0], (N_STATISTICS + 1,), data.chunks[1], data.chunks[2]),
+                          new_axis=1)
+    (total,) = progress.compute(stats.sum(axis=0))
+    sums = total[:N_STATISTICS]
+    mean_counts = float(total[N_STATISTICS, 0, 0]) / n
+    fano = float(total[N_STATISTICS, 0, 1]) / n
+    found = estimate_defects(sums, n, mean_counts=mean_counts if fano > 0 else None,
+                             fano=fano if fano > 0 else 1.0, min_micrographs=MIN_DATASET_MICROGRAPHS)
+    if defects is not None:
+        combined = found.defects | np.asarray(defects, bool)
+        found = DatasetDefects(defects=combined, gain=found.gain, raw_gain=found.raw_gain,
+                               n_micrographs=found.n_micrographs, dead_rows=found.dead_rows,
+                               dead_columns=found.dead_columns)
+    return found
+
+
+def _clean_block(block, gain, divisor, defects, index, *, seed):
+    image = block[0] * gain[0] / divisor[0]
+    found = find_impulses(image, defects=defects[0] > 0)
+    corrected = correct_pixels(image, found.mask, found.reference, found.sigma,
+                               counting=found.counting, fano=found.fano,
+                               seed=seed * 1_000_003 + int(index.ravel()[0]))
+    return np.stack([corrected, found.mask.astype(np.float32)])[None]
+
+
+def clean_dataset(ds: xr.Dataset, *, gain_reference=None, defects=None, dataset_defects: bool = True,
+                  gain_correction: bool | None = None, seed: int = 0) -> xr.Dataset:
+    """Correct every micrograph's impulse artifacts and defects (lazy, one task each).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+    gain_reference : (y, x) array, optional
+        A user's gain reference; multiplies each micrograph first (MotionCor2's convention).
+    defects : (y, x) bool array, optional
+        A user's known defects (e.g. :func:`cryodask.defects.read_defect_file`).
+    dataset_defects : bool
+        Find fixed defects and the residual gain from the whole dataset first (pass 1,
+        computed now) when it has at least :data:`MIN_DATASET_MICROGRAPHS` micrographs.
+    gain_correction : bool, optional
+        Divide by the dataset's gain estimate; default when it has at least
+        :data:`MIN_GAIN_MICROGRAPHS` micrographs.
+    seed : int
+        The fill noise is drawn from it and the micrograph's index: results repeat.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``image_clean (micrograph, y, x)`` float32; ``artifact_mask`` uint8 (codes of
+        :mod:`cryodask.artifacts`); ``n_hot_pixels``, ``n_xray_pixels``,
+        ``n_defect_pixels`` per micrograph; and, from pass 1, ``defect_map`` and
+        ``gain_estimate`` ``(y, x)``. Outside the mask, ``image_clean`` equals the input
+        times the gain reference divided by the gain estimate.
+    """
+    n = ds.sizes["micrograph"]
+    shape = (ds.sizes["y"], ds.sizes["x"])
+    found = None
+    if dataset_defects and n >= MIN_DATASET_MICROGRAPHS:
+        found = measure_defects(ds, gain_reference=gain_reference, defects=defects)
+    if gain_correction is None:
+        gain_correction = found is not None and n >= MIN_GAIN_MICROGRAPHS
+    if gain_correction and found is None:
+        raise ValueError(f"gain correction needs the dataset pass (dataset_defects=True) and at "
+                         f"least {MIN_DATASET_MICROGRAPHS} micrographs; got {n}")
+    known = found.defects if found is not None else defects
+    data, gain, known_da = _inputs(ds, gain_reference, known)
+    divisor = found.gain if gain_correction else np.ones(shape, np.float32)
+    divisor_da = da.from_array(np.asarray(divisor, np.float32)[None], chunks=-1)
+    index = da.arange(n, chunks=data.chunks[0])
+    both = da.map_blocks(_clean_block, data, gain, divisor_da, known_da, index[:, None, None],
+                         dtype=np.float32, seed=seed,
+                         chunks=(data.chunks[0], (2,), data.chunks[1], data.chunks[2]), new_axis=1)
+    dims = ("micrograph", "y", "x")
+    mask = both[:, 1].astype(np.uint8)
+    out = xr.Dataset({
+        "image_clean": (dims, both[:, 0], {"long_name": "artifact-corrected micrograph"}),
+        "artifact_mask": (dims, mask, {"codes": "0 good, 1 hot pixel, 2 X-ray, 3 defect"}),
+        "n_hot_pixels": ("micrograph", (mask == HOT_PIXEL).sum(axis=(1, 2)).astype(np.int32)),
+        "n_xray_pixels": ("micrograph", (mask == XRAY).sum(axis=(1, 2)).astype(np.int32)),
+        "n_defect_pixels": ("micrograph", (mask == DEFECT).sum(axis=(1, 2)).astype(np.int32)),
+    })
+    if found is not None:
+        out["defect_map"] = (("y", "x"), found.defects.astype(np.uint8), {"codes": "1 defect"})
+        out["gain_estimate"] = (("y", "x"), found.gain, {"applied": int(bool(gain_correction))})
+    return out

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from cryodask import artifacts as A
+from cryodask.defects import (
+    estimate_defects,
+    micrograph_statistics,
+    read_defect_file,
+    read_gain_reference,
+)
+from cryodask.io.images import MicrographFileError, write_mrc
+from cryodask.simulate import DatasetRanges, Detector, detector_state, draw_micrograph_params, simulate_micrograph
+
+
+def _dataset_sums(n, shape, detector, seed=0):
+    state = detector_state(detector, shape)
+    params = draw_micrograph_params(n, shape=shape, seed=seed,
+                                    ranges=DatasetRanges(n_hot_pixels=(20, 60), n_xrays=(2, 6)))
+    sums, medians, fanos = 0, [], []
+    for i, p in enumerate(params):
+        sim = simulate_micrograph(p, detector=state, seed=seed * 1000 + i)
+        found = A.find_impulses(sim.image)
+        sums = sums + micrograph_statistics(sim.image, found.mask)
+        medians.append(float(np.median(sim.image)))
+        fanos.append(found.fano)
+    return state, sums, float(np.mean(medians)), float(np.mean(fanos))
+
+
+def test_fixed_defects_found_from_eight_micrographs():
+    detector = Detector(gain_std=0.03, n_dead_rows=2, n_dead_cols=1, n_stuck_pixels=15, seed=8)
+    state, sums, counts, fano = _dataset_sums(8, (256, 320), detector)
+    found = estimate_defects(sums, 8, mean_counts=counts, fano=fano)
+    assert (found.defects & state.defects).sum() == state.defects.sum()  # all found
+    assert (found.defects & ~state.defects).sum() <= 5
+    assert len(found.dead_rows) == 2 and len(found.dead_columns) == 1
+
+
+def test_gain_estimate_correlates_with_the_truth():
+    detector = Detector(gain_std=0.05, seed=3)
+    state, sums, counts, fano = _dataset_sums(64, (128, 128), detector, seed=1)
+    found = estimate_defects(sums, 64, mean_counts=counts, fano=fano)
+    corr = np.corrcoef(found.gain.ravel(), state.gain.ravel())[0, 1]
+    raw = np.corrcoef(found.raw_gain.ravel(), state.gain.ravel())[0, 1]
+    assert corr >= 0.85 and corr >= raw  # the Wiener filter never makes it worse
+    assert found.gain.mean() == pytest.approx(1.0, abs=0.01)
+
+
+def test_too_few_micrographs():
+    with pytest.raises(ValueError, match="at least 4 micrographs"):
+        estimate_defects(np.zeros((4, 8, 8)), 2)
+
+
+def test_gain_reference_rotation_and_flip(tmp_path):
+    gain = np.arange(6, dtype=np.float32).reshape(2, 3) + 1
+    path = tmp_path / "gain.mrc"
+    write_mrc(path, gain, pixel_size_A=1.0)
+    np.testing.assert_array_equal(read_gain_reference(path), gain)
+    turned = read_gain_reference(path, rotate=1)
+    assert turned.shape == (3, 2)
+    # One quarter turn from +x towards +y: the pixel at (y=0, x=2) goes to (y=2, x=1).
+    assert turned[2, 1] == gain[0, 2]
+    np.testing.assert_array_equal(read_gain_reference(path, flip=2), gain[:, ::-1])
+    np.testing.assert_array_equal(read_gain_reference(path, rotate=2), gain[::-1, ::-1])
+    with pytest.raises(MicrographFileError, match="gain.mrc: gain reference is 2x3"):
+        read_gain_reference(path, shape=(3, 3))
+    with pytest.raises(ValueError, match="rotate"):
+        read_gain_reference(path, rotate=4)
+
+
+def test_defect_file(tmp_path):
+    path = tmp_path / "defects.txt"
+    path.write_text("# x y w h\n2 1 3 1\n0 0 1 4\n")
+    defects = read_defect_file(path, (4, 6))
+    assert defects.sum() == 3 + 4
+    assert defects[1, 2:5].all() and defects[:, 0].all()
+    path.write_text("1 2 a b\n")
+    with pytest.raises(ValueError, match="defects.txt, line 1"):
+        read_defect_file(path, (4, 6))
+    path.write_text("10 0 1 1\n")
+    with pytest.raises(ValueError, match="outside"):
+        read_defect_file(path, (4, 6))
