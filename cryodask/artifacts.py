@@ -13,9 +13,10 @@ DEFECT      3      a fixed detector defect (dead or stuck pixel, row or column)
 
 The method
 ----------
-*Reference.* Each pixel is compared with a local reference: the Gaussian-weighted mean of
-its neighbours (the pixel itself left out), computed on the image clipped to the global
-median +- 5 robust sigma so that one impulse cannot raise its neighbours' references.
+*Reference.* Each pixel is compared with a local reference: the mean of its 5 x 5
+neighbourhood (the pixel itself and known defects left out), computed on the image clipped
+to the global median +- 5 robust sigma so that one impulse cannot raise its neighbours'
+references.
 
 *Noise model.* Where the data are counts (non-negative, variance proportional to the
 mean) the expected spread is ``sqrt(phi * reference)``, with the Fano factor ``phi``
@@ -24,9 +25,10 @@ measured on the image; otherwise it is the robust standard deviation of the resi
 *Detection.* Seeds are pixels ``threshold`` sigma above their reference (default 6; for
 Gaussian noise one false seed in ~10^9 pixels); each seed grows into the connected
 (8-neighbour) region of pixels above ``grow_threshold`` sigma (default 3.5), as an X-ray
-track deposits charge in its neighbours. A second pass recomputes the reference with the
-detected regions (dilated by one pixel) left out, so large clusters do not hide
-their own edges. Single pixels are hot pixels; larger regions are X-rays.
+track deposits charge in its neighbours. Around each cluster of two or more pixels a
+second pass recomputes the reference over a wider neighbourhood with the cluster (dilated
+by one pixel) left out, so a large cluster does not hide its own edges. Single pixels are
+hot pixels; larger regions are X-rays.
 
 *Correction.* Flagged pixels are replaced by the reference plus noise of the local
 spread (Poisson in counting mode), so the corrected image has the noise power of its
@@ -40,7 +42,6 @@ Mastronarde, IMOD ``ccderaser`` (growing peaks into patches).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,29 +102,27 @@ def _robust_centre_spread(x, xp):
     return median, 1.4826 * float(deviation[deviation.shape[0] // 2])
 
 
-def _neighbour_mean(values, weights, ndi, sigma_px, xp):
-    """Gaussian-weighted mean of the neighbours (centre excluded) over pixels with weight 1."""
-    centre = _centre_tap(sigma_px)
-    num = ndi.gaussian_filter(values * weights, sigma_px, mode="reflect") - centre * values * weights
-    den = ndi.gaussian_filter(weights, sigma_px, mode="reflect") - centre * weights
-    return num / xp.clip(den, 1e-3, None)
+def _neighbour_mean(values, weights, ndi, size):
+    """Mean of the ``size x size`` neighbourhood, the centre and zero-weight pixels left out.
 
-
-def _centre_tap(sigma_px: float) -> float:
-    """The centre weight of scipy's truncated, normalised 2D Gaussian kernel."""
-    radius = int(4.0 * sigma_px + 0.5)
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
-    return float((taps[radius] / taps.sum()) ** 2)
+    ``weights`` None means every pixel counts (the count is then ``size**2 - 1``).
+    """
+    n = size * size
+    if weights is None:
+        return (ndi.uniform_filter(values, size, mode="reflect") * n - values) / (n - 1)
+    num = ndi.uniform_filter(values * weights, size, mode="reflect") * n - values * weights
+    den = ndi.uniform_filter(weights, size, mode="reflect") * n - weights
+    return num / (den + (den < 0.5))
 
 
 def find_impulses(image, *, defects=None, threshold: float = 6.0, grow_threshold: float = 3.5,
-                  sigma_px: float = 1.5) -> ImpulseResult:
+                  size: int = 5) -> ImpulseResult:
     """Find hot pixels and X-ray clusters in one micrograph.
 
     Parameters
     ----------
     image : (ny, nx) array
-        NumPy or CuPy, any real dtype (integer counts become float32).
+        NumPy (or CuPy) array of any real dtype (integer counts become float32).
     defects : (ny, nx) bool array, optional
         Known fixed defects; marked ``DEFECT`` and left out of every statistic.
     threshold : float
@@ -131,8 +130,9 @@ def find_impulses(image, *, defects=None, threshold: float = 6.0, grow_threshold
     grow_threshold : float
         Neighbours above this many standard deviations join a seed's cluster, in
         (0, threshold].
-    sigma_px : float
-        Width of the Gaussian neighbourhood of the reference, pixels.
+    size : int
+        Side of the square neighbourhood of the reference (odd, >= 3); the second pass
+        around clusters uses ``size + 4``.
 
     Returns
     -------
@@ -143,6 +143,8 @@ def find_impulses(image, *, defects=None, threshold: float = 6.0, grow_threshold
     if not threshold > 0 or not 0 < grow_threshold <= threshold:
         raise ValueError(f"need threshold > 0 and 0 < grow_threshold <= threshold, got "
                          f"{threshold!r}, {grow_threshold!r}")
+    if size < 3 or size % 2 == 0:
+        raise ValueError(f"size must be odd and >= 3, got {size!r}")
     xp = namespace(image)
     ndi = _ndimage(image)
     x = xp.astype(image, xp.float32)
@@ -151,58 +153,69 @@ def find_impulses(image, *, defects=None, threshold: float = 6.0, grow_threshold
         raise ValueError(f"defects has shape {tuple(known.shape)}, the image {tuple(x.shape)}")
     median, spread = _robust_centre_spread(x, xp)
     if not spread > 0:
-        zeros = xp.zeros(x.shape, dtype=xp.uint8)
-        mask = xp.where(known, xp.asarray(DEFECT, dtype=xp.uint8), zeros)
+        mask = xp.where(known, xp.asarray(DEFECT, dtype=xp.uint8), xp.zeros(x.shape, dtype=xp.uint8))
         return ImpulseResult(mask, x, xp.zeros_like(x), False, 0.0)
     clipped = xp.clip(x, median - 5 * spread, median + 5 * spread)
-    weights = xp.astype(~known, xp.float32)
-    reference = _neighbour_mean(clipped, weights, ndi, sigma_px, xp)
-
+    any_known = bool(xp.any(known))
+    weights = xp.astype(~known, xp.float32) if any_known else None
+    reference = _neighbour_mean(clipped, weights, ndi, size)
     residual = x - reference
-    _, r_spread = _robust_centre_spread(xp.where(known, xp.asarray(0.0, dtype=xp.float32), residual), xp)
+    if any_known:
+        residual = xp.where(known, xp.zeros_like(residual), residual)
+    _, r_spread = _robust_centre_spread(residual, xp)
     counting = bool(median > 0 and float(xp.min(x)) >= 0)
-    fano = 0.0
-    if counting:
-        fano = r_spread**2 / median
-        counting = 0.2 < fano < 5.0
+    fano = r_spread**2 / median if counting else 0.0
+    counting = counting and 0.2 < fano < 5.0
     sigma = _spread(reference, counting, fano, r_spread, xp)
+    z = residual / sigma
 
-    found = _grow(residual / sigma, known, threshold, grow_threshold, ndi, xp)
-    # Second pass: judge every pixel against a reference that leaves the finds out.
-    excluded = ndi.binary_dilation(found, iterations=1) | known
-    reference = _neighbour_mean(clipped, xp.astype(~excluded, xp.float32), ndi, sigma_px + 1.0, xp)
-    sigma = _spread(reference, counting, fano, r_spread, xp)
-    z = (x - reference) / sigma
-    found = _grow(xp.where(found, xp.asarray(threshold + 1.0, dtype=xp.float32), z), known,
-                  threshold, grow_threshold, ndi, xp)
+    # Seeds grow into their connected region above the lower threshold (hysteresis).
+    labels, n = ndi.label(z > grow_threshold, structure=xp.ones((3, 3), dtype=xp.bool))
+    seeds = z > threshold
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[np.unique(_host(labels[seeds]))] = True
+    keep[0] = False
+    found = xp.asarray(keep)[labels]
+    sizes = np.bincount(_host(labels[found]), minlength=n + 1)
+    clusters = np.flatnonzero(sizes > 1)
+    # Second pass, around clusters only: a wider reference that leaves the cluster out.
+    boxes = ndi.find_objects(_host(labels), max_label=int(clusters.max())) if clusters.size else []
+    wide = size + 4
+    for label in clusters:
+        ys, xs = boxes[label - 1]
+        region = (slice(max(ys.start - wide, 0), min(ys.stop + wide, x.shape[0])),
+                  slice(max(xs.start - wide, 0), min(xs.stop + wide, x.shape[1])))
+        local_found = found[region]
+        excluded = ndi.binary_dilation(local_found, iterations=1) | known[region]
+        local_ref = _neighbour_mean(clipped[region], xp.astype(~excluded, xp.float32), ndi, wide)
+        local_sigma = _spread(local_ref, counting, fano, r_spread, xp)
+        local_z = (x[region] - local_ref) / local_sigma
+        grow = ((local_z > grow_threshold) | local_found) & ~known[region]
+        local_labels, _ = ndi.label(grow, structure=xp.ones((3, 3), dtype=xp.bool))
+        hit = np.unique(_host(local_labels[local_found]))
+        found[region] = xp.asarray(np.isin(_host(local_labels), hit[hit > 0]))
+        reference[region] = xp.where(excluded, local_ref, reference[region])
+        sigma[region] = xp.where(excluded, local_sigma, sigma[region])
 
-    labels, n = ndi.label(found, structure=xp.ones((3, 3), dtype=xp.bool))
-    mask = xp.zeros(x.shape, dtype=xp.uint8)
-    if n:
-        sizes = ndi.sum_labels(xp.astype(found, xp.float32), labels, xp.arange(1, n + 1))
-        size_of = xp.concat([xp.zeros(1, dtype=sizes.dtype), xp.asarray(sizes)])[labels]
-        mask = xp.where(found & (size_of == 1), xp.asarray(HOT_PIXEL, dtype=xp.uint8), mask)
-        mask = xp.where(found & (size_of > 1), xp.asarray(XRAY, dtype=xp.uint8), mask)
-    mask = xp.where(known, xp.asarray(DEFECT, dtype=xp.uint8), mask)
+    # A lone pixel is a hot pixel; a cluster (as first found, possibly grown) an X-ray.
+    single = xp.asarray(sizes == 1)[labels] & found
+    mask = xp.where(found, xp.asarray(XRAY, dtype=xp.uint8), xp.zeros(x.shape, dtype=xp.uint8))
+    mask = xp.where(single, xp.asarray(HOT_PIXEL, dtype=xp.uint8), mask)
+    if any_known:
+        mask = xp.where(known, xp.asarray(DEFECT, dtype=xp.uint8), mask)
     return ImpulseResult(mask, reference, sigma, counting, float(fano))
+
+
+def _host(x):
+    from cryodask.backend import to_numpy
+
+    return to_numpy(x)
 
 
 def _spread(reference, counting, fano, r_spread, xp):
     if counting:
         return xp.sqrt(fano * xp.clip(reference, 1.0, None))
     return xp.full(reference.shape, max(r_spread, 1e-30), dtype=xp.float32)
-
-
-def _grow(z, known, threshold, grow_threshold, ndi, xp):
-    seeds = (z > threshold) & ~known
-    candidates = (z > grow_threshold) & ~known
-    if not bool(xp.any(seeds)):
-        return seeds
-    labels, n = ndi.label(candidates, structure=xp.ones((3, 3), dtype=xp.bool))
-    keep = xp.zeros(n + 1, dtype=xp.bool)
-    keep[labels[seeds]] = True
-    keep[0] = False
-    return keep[labels]
 
 
 def correct_pixels(image, mask, reference, sigma, *, counting: bool, fano: float, seed: int = 0):
