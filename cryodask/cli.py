@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gain-estimate", action="store_true",
                    help="find defects across the dataset but do not divide by its gain estimate")
     p.add_argument("--seed", type=int, default=0, help="seed of the fill noise (default 0)")
+    p.add_argument("--regions", action="store_true",
+                   help="also classify ice / vacuum / carbon / contamination and write "
+                        "DIR/<name>_regions.mrc (codes 0-3)")
+    p.add_argument("--tile-size", type=int, default=64, metavar="PX", help="region tile size (default 64)")
     g = p.add_argument_group("acquisition (for files)")
     g.add_argument("--pixel-size", type=float, metavar="Å", help="pixel size in Å (default: MRC header)")
     g.add_argument("--stack", choices=("auto", "micrographs", "sum", "error"), default="auto",
@@ -306,6 +310,15 @@ def cmd_clean(args) -> None:
                             overwrite=args.overwrite, compute=False)
                  + export_mrc(out, args.out_dir, variable="artifact_mask", dtype="int8", suffix="_mask",
                               overwrite=args.overwrite, compute=False))
+        if args.regions:
+            from cryodask import pipeline
+
+            regions = pipeline.regions_dataset(cleaned.assign(image=cleaned["image_clean"]),
+                                               tile_px=args.tile_size)
+            cleaned = cleaned.merge(regions)
+            tasks += export_mrc(out.assign(region_mask=regions["region_mask"]), args.out_dir,
+                                variable="region_mask", dtype="int8", suffix="_regions",
+                                overwrite=args.overwrite, compute=False)
         counts = cleaned[["n_hot_pixels", "n_xray_pixels", "n_defect_pixels"]]
         *_, counts = progress.compute(*tasks, counts)
         if store is not None:

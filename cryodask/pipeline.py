@@ -15,8 +15,14 @@ import warnings
 from cryodask.ctf import CTFFitWarning, CTFSearch, estimate_ctf
 from cryodask.spectrum import power_spectrum
 
-__all__ = ["CTF_VARIABLES", "check_image_chunks", "estimate_ctf_dataset", "image_statistics",
-           "power_spectra"]
+__all__ = [
+    "CTF_VARIABLES",
+    "check_image_chunks",
+    "estimate_ctf_dataset",
+    "image_statistics",
+    "power_spectra",
+    "regions_dataset",
+]
 
 #: The variables :func:`estimate_ctf_dataset` returns, with their units.
 CTF_VARIABLES = {
@@ -152,4 +158,33 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch()) -> 
         values = values.astype(bool) if name == "ctf_reliable" else values.astype(np.float32)
         out[name] = values.assign_attrs(units=units)
     out.attrs["ctf_search"] = repr(search)
+    return out
+
+
+def _regions_block(images, *, tile_px):
+    from cryodask.regions import classify_regions
+
+    return np.stack([classify_regions(im, tile_px=tile_px).mask for im in images])
+
+
+def regions_dataset(ds: xr.Dataset, *, tile_px: int = 64, variable: str = "image") -> xr.Dataset:
+    """Region decomposition of every micrograph (lazy, one task per micrograph).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``region_mask (micrograph, y, x)`` uint8 (codes of :mod:`cryodask.regions`) and
+        ``region_fraction_<name> (micrograph)`` for ice, vacuum, carbon, contamination.
+    """
+    from cryodask.regions import REGION_CODES
+
+    image = ds[variable]
+    check_image_chunks(image)
+    mask = xr.apply_ufunc(_regions_block, image, input_core_dims=[["y", "x"]],
+                          output_core_dims=[["y", "x"]], dask="parallelized",
+                          output_dtypes=[np.uint8], kwargs={"tile_px": tile_px}, keep_attrs=False)
+    out = xr.Dataset({"region_mask": mask.assign_attrs(
+        codes=", ".join(f"{c} {n}" for c, n in REGION_CODES.items()), tile_px=tile_px)})
+    for code, name in REGION_CODES.items():
+        out[f"region_fraction_{name}"] = (mask == code).mean(("y", "x")).astype(np.float32)
     return out

@@ -86,3 +86,14 @@ def test_cli_clean_on_a_store_adds_variables(dirty, tmp_path):
     ds = open_dataset(tmp_path / "s.zarr")
     assert {"image_clean", "artifact_mask", "defect_map", "gain_estimate", "n_hot_pixels"} <= set(ds.data_vars)
     assert ds["gain_estimate"].attrs["applied"] == 0
+
+
+def test_cli_clean_writes_region_maps(tmp_path, capsys):
+    from cryodask.simulate import MicrographParams, simulate_micrograph
+
+    for i in range(2):
+        sim = simulate_micrograph(MicrographParams(shape=(512, 512), n_contamination=2), seed=i)
+        write_mrc(tmp_path / f"c{i}.mrc", sim.image, pixel_size_A=1.0)
+    assert main(["clean", str(tmp_path / "c*.mrc"), "--out-dir", str(tmp_path / "o"), "--regions"]) == 0
+    regions = mrcfile.read(tmp_path / "o" / "c0_regions.mrc")
+    assert regions.shape == (512, 512) and (regions == 3).any() and (regions == 0).mean() > 0.5

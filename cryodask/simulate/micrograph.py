@@ -23,9 +23,11 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from cryodask import artifacts
+from cryodask.regions import CARBON, VACUUM
 from cryodask.physics import ctf_2d, frequency_grid
 from cryodask.simulate.params import ICE_MEAN_FREE_PATH_A, Detector, MicrographParams
 from cryodask.simulate.phantom import gaussian_phantom, splat_projections
+from cryodask.simulate.regions import CARBON_ATOMS_PER_A3, CARBON_MEAN_FREE_PATH_A, draw_regions
 
 __all__ = [
     "DetectorState",
@@ -77,6 +79,8 @@ class SimulatedMicrograph:
     signal_variance : float
         Variance of the particles' signal in the image (counts^2).
     particle_centres_px : (n, 2) float array of ``(y, x)``
+    regions : (ny, nx) uint8
+        Region codes of :mod:`cryodask.regions` (ice, vacuum, carbon, contamination).
     """
 
     image: np.ndarray
@@ -88,6 +92,7 @@ class SimulatedMicrograph:
     noise_variance: dict = field(default_factory=dict)
     signal_variance: float = 0.0
     particle_centres_px: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    regions: np.ndarray | None = None
 
 
 def detector_state(detector: Detector, shape: tuple[int, int]) -> DetectorState:
@@ -165,10 +170,17 @@ def simulate_micrograph(params: MicrographParams, *, detector: Detector | Detect
         atoms = gaussian_phantom(radius_A=params.particle_radius_A)
     radius_px = float(np.sqrt((atoms.astype(np.float64) ** 2).sum(1).max())) / a_px
 
-    # Sample: particles at random orientations and non-overlapping positions.
+    geometry = draw_regions(shape, carbon_fraction=params.carbon_fraction,
+                            vacuum_fraction=params.vacuum_fraction,
+                            n_contamination=params.n_contamination, seed=seed)
+    # Sample: particles at random orientations and non-overlapping positions, in the ice.
     centres = _place_particles(rng, shape, params.particle_count, radius_px)
-    rotations = Rotation.random(max(len(centres), 1), rng)
-    density = splat_projections(atoms, centres, rotations[: len(centres)], shape, a_px)
+    rotations = Rotation.random(max(len(centres), 1), rng)[: len(centres)]
+    if geometry.any and len(centres):
+        where = np.round(centres).astype(int)
+        keep = geometry.codes[np.clip(where[:, 0], 0, shape[0] - 1), np.clip(where[:, 1], 0, shape[1] - 1)] != VACUUM
+        centres, rotations = centres[keep], (rotations[keep] if keep.any() else rotations[:0])
+    density = splat_projections(atoms, centres, rotations, shape, a_px)
 
     ky, kx = frequency_grid(shape, a_px, layout="rfft", dtype=np.float64)
     k2 = ky**2 + kx**2
@@ -181,14 +193,32 @@ def simulate_micrograph(params: MicrographParams, *, detector: Detector | Detect
     ice_amp = np.sqrt(ice_power_spectrum(k, params.ice_thickness_A, params.contrast_per_atom_A2) * cell_A2) * np.sqrt(shape[0] * shape[1])
     ice_ft = np.fft.rfft2(rng.normal(size=shape)) * ice_amp
 
+    thickness = params.ice_thickness_A * (1.0 + params.ice_gradient * _wedge(rng, shape)
+                                          + 0.02 * _smooth_field(rng, shape, max(shape) / 8))
+    thickness = np.clip(thickness, 0.0, None)
     ctf = ctf_2d(ky, kx, params.ctf)  # includes the motion + coherence envelope
     projection = np.fft.irfft2(proj_ft, s=shape)
     clean = np.fft.irfft2(proj_ft * ctf, s=shape)
-    ice_contrast = np.fft.irfft2(ice_ft * ctf, s=shape)
-
-    thickness = params.ice_thickness_A * (1.0 + params.ice_gradient * _wedge(rng, shape)
-                                          + 0.02 * _smooth_field(rng, shape, max(shape) / 8))
-    attenuation = np.exp(-np.clip(thickness, 0.0, None) / ICE_MEAN_FREE_PATH_A)
+    optical_depth = thickness / ICE_MEAN_FREE_PATH_A
+    if geometry.any:
+        # Ice noise follows the local thickness; carbon adds its own structure and depth.
+        thickness = np.where(geometry.codes == VACUUM, 0.0, thickness) + geometry.extra_thickness_A
+        scale = np.sqrt(thickness / params.ice_thickness_A) if params.ice_thickness_A > 0 else 0.0
+        specimen = np.fft.irfft2(ice_ft, s=shape) * scale
+        on_carbon = geometry.codes == CARBON
+        if on_carbon.any() and params.carbon_thickness_A > 0:
+            carbon_rng = np.random.default_rng([seed, 271828])
+            carbon_power = (params.contrast_per_atom_A2**2 * CARBON_ATOMS_PER_A3 * params.carbon_thickness_A
+                            * (1.0 - 0.7 * np.exp(-((k / 0.1) ** 2))))
+            carbon_amp = np.sqrt(carbon_power * cell_A2) * np.sqrt(shape[0] * shape[1])
+            carbon = np.fft.irfft2(np.fft.rfft2(carbon_rng.normal(size=shape)) * carbon_amp, s=shape)
+            specimen = specimen + carbon * on_carbon
+        ice_contrast = np.fft.irfft2(np.fft.rfft2(specimen) * ctf, s=shape)
+        optical_depth = thickness / ICE_MEAN_FREE_PATH_A + on_carbon * (
+            params.carbon_thickness_A / CARBON_MEAN_FREE_PATH_A)
+    else:
+        ice_contrast = np.fft.irfft2(ice_ft * ctf, s=shape)
+    attenuation = np.exp(-optical_depth)
 
     mtf = _mtf(ky, kx, a_px, state.detector.mtf_power)
     dose_px = params.dose_per_pixel
@@ -252,6 +282,7 @@ def simulate_micrograph(params: MicrographParams, *, detector: Detector | Detect
         noise_variance=noise,
         signal_variance=float(signal.var()),
         particle_centres_px=centres,
+        regions=geometry.codes,
     )
 
 

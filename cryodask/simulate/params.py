@@ -95,6 +95,14 @@ class MicrographParams:
         Integrated projected contrast of one atom (twice its phase shift), Å^2.
     n_hot_pixels, n_xrays : int
         Impulse artifacts: isolated hot pixels and X-ray clusters.
+    carbon_fraction : float
+        Share of the field on the carbon support film (beyond a straight hole edge).
+    carbon_thickness_A : float
+        Thickness of the carbon film.
+    vacuum_fraction : float
+        Share of the field with no ice (a broken film).
+    n_contamination : int
+        Lenses of extra ice (crystals, drops) 2000-5000 Å thick.
     """
 
     shape: tuple[int, int] = (1024, 1024)
@@ -118,6 +126,10 @@ class MicrographParams:
     contrast_per_atom_A2: float = 0.07
     n_hot_pixels: int = 0
     n_xrays: int = 0
+    carbon_fraction: float = 0.0
+    carbon_thickness_A: float = 150.0
+    vacuum_fraction: float = 0.0
+    n_contamination: int = 0
     ctf: CTFParams = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -135,8 +147,11 @@ class MicrographParams:
         _check("particle_radius_A", self.particle_radius_A, 1.0, 2000.0)
         _check("atom_sigma_A", self.atom_sigma_A, 0.1, 20.0)
         _check("contrast_per_atom_A2", self.contrast_per_atom_A2, 0.0, 10.0)
-        for name in ("n_hot_pixels", "n_xrays"):
+        for name in ("n_hot_pixels", "n_xrays", "n_contamination"):
             _check(name, getattr(self, name), 0)
+        _check("carbon_fraction", self.carbon_fraction, 0.0, 0.9)
+        _check("carbon_thickness_A", self.carbon_thickness_A, 0.0, 2000.0)
+        _check("vacuum_fraction", self.vacuum_fraction, 0.0, 0.5)
         if self.n_particles is not None:
             _check("n_particles", self.n_particles, 0)
         ctf = CTFParams(

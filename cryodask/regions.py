@@ -1,0 +1,227 @@
+"""Region decomposition (Module 2): ice, vacuum, carbon and contamination in a micrograph.
+
+Region codes (uint8):
+
+=============  =====  ==============================================================
+name           value  what it is
+=============  =====  ==============================================================
+ICE            0      vitreous ice, where the particles are (the micrograph's majority)
+VACUUM         1      no ice (a hole or broken film): brighter than the ice
+CARBON         2      support film: strong mid-frequency (Thon-ring) structure
+CONTAMINATION  3      ice crystals, drops, thick ice: much darker than the ice
+=============  =====  ==============================================================
+
+The method
+----------
+The image is cut into square tiles. For each tile: its mean, its pixel noise (from
+neighbour differences, blind to smooth structure) and its structure: the power at
+0.05-0.6 of Nyquist, each tile's spectrum divided by its own high-frequency (0.7-1 of
+Nyquist) level, relative to the median tile's spectrum. Each is compared
+with the median tile, in units of the robust spread of differences between neighbouring
+tiles (never less than a tile mean's own noise). A tile passes a test at ``z_threshold``
+spreads, or at half of it when the mean over its 3 x 3 neighbourhood does too (regions are
+wider than a tile, and the average has a third of the noise). A bright tile is
+vacuum; with that much more mid-frequency structure, carbon; that much darker and not
+carbon, contamination (or thick ice) -- and always contamination when far darker (below
+80 % of the median for counts, 4 x the threshold otherwise). Classes are relative to the
+micrograph's majority, taken to be ice. The contamination and vacuum outlines are then
+refined to pixels: a smoothed image crossing the level halfway between the ice and the
+class, near the tiles found. Regions (connected tiles of one class) form a graph with
+their adjacency (networkx).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "CARBON",
+    "CONTAMINATION",
+    "ICE",
+    "REGION_CODES",
+    "VACUUM",
+    "RegionResult",
+    "classify_regions",
+    "exclusion_mask",
+    "region_graph",
+]
+
+ICE = 0
+VACUUM = 1
+CARBON = 2
+CONTAMINATION = 3
+
+REGION_CODES = {ICE: "ice", VACUUM: "vacuum", CARBON: "carbon", CONTAMINATION: "contamination"}
+_BY_NAME = {name: code for code, name in REGION_CODES.items()}
+
+
+@dataclass
+class RegionResult:
+    """Tile classes, the pixel-level region map and the tile features behind them."""
+
+    tiles: np.ndarray  # (n_tiles_y, n_tiles_x) uint8 codes
+    mask: np.ndarray  # (ny, nx) uint8 codes, pixel level
+    tile_px: int
+    features: dict  # name -> (n_tiles_y, n_tiles_x) float arrays (mean, noise, mid_ratio, z_mean, z_mid)
+
+
+def _tiles(x, tile_px):
+    ny, nx = x.shape
+    nty, ntx = -(-ny // tile_px), -(-nx // tile_px)
+    padded = np.pad(x, ((0, nty * tile_px - ny), (0, ntx * tile_px - nx)), mode="reflect")
+    return padded.reshape(nty, tile_px, ntx, tile_px).transpose(0, 2, 1, 3)
+
+
+def _neighbour_spread(values):
+    """Robust spread of a tile feature from differences of neighbouring tiles.
+
+    Neighbours are mostly of one class, so regions do not inflate it as they would a
+    spread about the median; smooth trends (an ice wedge) cancel too.
+    """
+    diffs = np.concatenate([np.diff(values, axis=0).ravel(), np.diff(values, axis=1).ravel()])
+    return 1.4826 * float(np.median(np.abs(diffs))) / np.sqrt(2.0)
+
+
+def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
+                     z_threshold: float = 8.0) -> RegionResult:
+    """Classify a micrograph's tiles as ice, vacuum, carbon or contamination.
+
+    Parameters
+    ----------
+    image : (ny, nx) array
+        A micrograph (NumPy), at least two tiles each way.
+    tile_px : int
+        Tile side in pixels, even, >= 16.
+    artifact_mask : (ny, nx) array, optional
+        Non-zero pixels (impulses, defects) are replaced by their tile's median first.
+    z_threshold : float
+        How many robust spreads from the median tile make a tile another class.
+
+    Returns
+    -------
+    RegionResult
+    """
+    x = np.asarray(image, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"image must be 2D (y, x), got shape {x.shape}")
+    if tile_px < 16 or tile_px % 2:
+        raise ValueError(f"tile_px must be even and >= 16, got {tile_px!r}")
+    if min(x.shape) < 2 * tile_px:
+        raise ValueError(f"image {x.shape} is smaller than two tiles of {tile_px} pixels")
+    if artifact_mask is not None:
+        flagged = np.asarray(artifact_mask) > 0
+        if flagged.any():
+            x = x.copy()
+            x[flagged] = ndimage.median_filter(x, size=5)[flagged]
+    t = _tiles(x, tile_px)
+    mean = t.mean(axis=(2, 3))
+    diffs = np.diff(t, axis=3)
+    noise = 1.4826 * np.median(np.abs(diffs - np.median(diffs, axis=(2, 3), keepdims=True)),
+                               axis=(2, 3)) / np.sqrt(2.0)
+    window = np.hanning(tile_px)
+    spectra = np.abs(np.fft.rfft2((t - mean[..., None, None]) * np.outer(window, window))) ** 2
+    fy = np.abs(np.fft.fftfreq(tile_px))[:, None]
+    fx = np.fft.rfftfreq(tile_px)[None, :]
+    f = np.hypot(fy, fx) / 0.5  # fraction of Nyquist
+    high = spectra[..., (f > 0.7) & (f <= 1.0)].mean(axis=-1)
+    shape_ = spectra / np.maximum(high, 1e-30)[..., None, None]  # spectra on their own noise level
+    band = (f > 0.3) & (f < 0.65)
+    reference = np.median(shape_[..., band], axis=(0, 1))  # the median tile's spectral shape
+    ratio = (shape_[..., band] / np.maximum(reference, 1e-30)).mean(axis=-1)
+
+    m0 = float(np.median(mean))
+    m_spread = max(_neighbour_spread(mean), 3.0 * float(np.median(noise)) / tile_px, 1e-12)
+    r0 = float(np.median(ratio))
+    r_spread = max(_neighbour_spread(ratio), 0.02 * abs(r0), 1e-12)
+    z_mean = (mean - m0) / m_spread
+    z_mid = (ratio - r0) / r_spread
+    # Counts have a physical zero: contamination is far darker than a carbon film.
+    counts = m0 > 0 and float(x.min()) >= 0
+    strongly_dark = (mean < 0.8 * m0) if counts else (z_mean < -4.0 * z_threshold)
+    # Regions are wider than a tile: a tile also counts when the mean z of its 3 x 3
+    # neighbourhood (a third of the noise) passes half the threshold.
+    area_mean = ndimage.uniform_filter(z_mean, 3, mode="nearest")
+    area_mid = ndimage.uniform_filter(z_mid, 3, mode="nearest")
+    half = 0.5 * z_threshold
+    bright = (z_mean > z_threshold) | ((area_mean > half) & (z_mean > half))
+    dark = (z_mean < -z_threshold) | ((area_mean < -half) & (z_mean < -half))
+    structured = (z_mid > z_threshold) | ((area_mid > half) & (z_mid > half))
+    tiles = np.full(mean.shape, ICE, dtype=np.uint8)
+    tiles[structured] = CARBON
+    tiles[dark & (~structured | strongly_dark)] = CONTAMINATION
+    tiles[bright] = VACUUM
+
+    mask = np.kron(tiles, np.ones((tile_px, tile_px), dtype=np.uint8))[: x.shape[0], : x.shape[1]]
+    smooth = ndimage.gaussian_filter(x, tile_px / 4.0, mode="reflect")
+    for code, sign in ((CONTAMINATION, -1.0), (VACUUM, 1.0)):
+        found = tiles == code
+        if not found.any():
+            continue
+        level = 0.5 * (m0 + float(np.median(mean[found])))
+        near = np.kron(ndimage.binary_dilation(found), np.ones((tile_px, tile_px), bool))
+        near = near[: x.shape[0], : x.shape[1]]
+        inside = near & ((smooth - level) * sign > 0)
+        mask[near & (mask == code)] = ICE
+        mask[inside] = code
+    features = {"mean": mean, "noise": noise, "mid_ratio": ratio, "z_mean": z_mean, "z_mid": z_mid}
+    return RegionResult(tiles=tiles, mask=mask, tile_px=tile_px, features=features)
+
+
+def exclusion_mask(regions, exclude=("vacuum", "contamination")) -> np.ndarray:
+    """Pixels that downstream steps leave out: by default vacuum and contamination.
+
+    Parameters
+    ----------
+    regions : RegionResult or (ny, nx) array of region codes
+    exclude : iterable of names among ``ice, vacuum, carbon, contamination``
+    """
+    unknown = sorted(set(exclude) - set(_BY_NAME))
+    if unknown:
+        raise ValueError(f"unknown region names {unknown}; choose from {sorted(_BY_NAME)}")
+    codes = regions.mask if isinstance(regions, RegionResult) else np.asarray(regions)
+    return np.isin(codes, [_BY_NAME[name] for name in exclude])
+
+
+def region_graph(result: RegionResult, *, pixel_size_A: float | None = None):
+    """The regions as a graph: one node per connected region, edges where they touch.
+
+    Node attributes: ``kind`` (region name), ``n_tiles``, ``area_px`` (and ``area_A2``
+    when the pixel size is given), ``mean`` (mean tile intensity) and ``centroid_px``
+    ``(y, x)``. Edge attribute ``contact``: the number of tile sides they share.
+
+    Returns
+    -------
+    networkx.Graph
+    """
+    import networkx as nx
+
+    graph = nx.Graph()
+    labels = np.zeros(result.tiles.shape, dtype=np.int64)
+    next_id = 0
+    for code, name in REGION_CODES.items():
+        lab, n = ndimage.label(result.tiles == code)
+        for i in range(1, n + 1):
+            where = lab == i
+            next_id += 1
+            labels[where] = next_id
+            ty, tx = np.nonzero(where)
+            area = int(where.sum()) * result.tile_px**2
+            attrs = {"kind": name, "n_tiles": int(where.sum()), "area_px": area,
+                     "mean": float(result.features["mean"][where].mean()),
+                     "centroid_px": (float((ty.mean() + 0.5) * result.tile_px),
+                                     float((tx.mean() + 0.5) * result.tile_px))}
+            if pixel_size_A is not None:
+                attrs["area_A2"] = area * pixel_size_A**2
+            graph.add_node(next_id, **attrs)
+    for a, b in ((labels[:-1, :], labels[1:, :]), (labels[:, :-1], labels[:, 1:])):
+        touching = a != b
+        for u, v in zip(a[touching], b[touching]):
+            u, v = int(u), int(v)
+            if graph.has_edge(u, v):
+                graph[u][v]["contact"] += 1
+            else:
+                graph.add_edge(u, v, contact=1)
+    return graph

@@ -1,0 +1,75 @@
+import mrcfile
+import numpy as np
+import pytest
+
+from cryodask.regions import (
+    CARBON,
+    CONTAMINATION,
+    ICE,
+    VACUUM,
+    classify_regions,
+    exclusion_mask,
+    region_graph,
+)
+from cryodask.simulate import MicrographParams, simulate_micrograph
+
+TILE = 64
+
+
+def _tile_truth(codes):
+    ny, nx = codes.shape
+    t = codes.reshape(ny // TILE, TILE, nx // TILE, TILE).transpose(0, 2, 1, 3).reshape(ny // TILE, nx // TILE, -1)
+    return np.apply_along_axis(lambda v: np.bincount(v, minlength=4).argmax(), -1, t)
+
+
+@pytest.mark.parametrize("dose, ice", [(20, 300), (60, 1400), (40, 500)])
+@pytest.mark.parametrize("regions", [{"n_contamination": 3}, {"vacuum_fraction": 0.2}])
+def test_contamination_and_vacuum_tiles_match_the_truth(dose, ice, regions):
+    params = MicrographParams(shape=(1024, 1024), dose_e_per_A2=dose, ice_thickness_A=ice, **regions)
+    sim = simulate_micrograph(params, seed=dose + ice)
+    result = classify_regions(sim.image, tile_px=TILE)
+    truth = _tile_truth(sim.regions)
+    assert (result.tiles == truth).mean() >= 0.95
+    code = CONTAMINATION if "n_contamination" in regions else VACUUM
+    assert ((result.tiles == code) & (truth == code)).sum() >= 0.8 * (truth == code).sum()
+
+
+def test_plain_ice_stays_ice():
+    sim = simulate_micrograph(MicrographParams(shape=(768, 1024), ice_thickness_A=600, ice_gradient=0.3), seed=1)
+    result = classify_regions(sim.image, tile_px=TILE)
+    assert (result.tiles == ICE).mean() >= 0.97
+
+
+def test_real_contamination_blob_is_masked(data_path):
+    """The blob of a real micrograph, against MicrographCleaner's mask for it."""
+    image = mrcfile.read(data_path("Ucsf_stack_1142_DW_bin2.mrc"))
+    reference = mrcfile.read(data_path("Ucsf_stack_1142_DW_bin2_cleaner_mask.mrc")) > 0
+    result = classify_regions(image, tile_px=TILE)
+    ours = exclusion_mask(result)
+    assert (ours & reference).sum() >= 0.85 * reference.sum()  # recall of their mask
+    assert (ours & reference).sum() >= 0.9 * ours.sum()  # what we mask, they mask too
+
+
+def test_region_graph_and_exclusion():
+    params = MicrographParams(shape=(512, 512), n_contamination=2, vacuum_fraction=0.15)
+    sim = simulate_micrograph(params, seed=3)
+    result = classify_regions(sim.image, tile_px=TILE)
+    graph = region_graph(result, pixel_size_A=1.0)
+    kinds = {d["kind"] for _, d in graph.nodes(data=True)}
+    assert "ice" in kinds and kinds & {"vacuum", "contamination"}
+    assert sum(d["n_tiles"] for _, d in graph.nodes(data=True)) == result.tiles.size
+    ice = [n for n, d in graph.nodes(data=True) if d["kind"] == "ice"]
+    assert all(graph.degree(n) >= 1 for n in graph.nodes if n not in ice)  # regions touch the ice
+    mask = exclusion_mask(result)
+    assert mask.shape == sim.image.shape
+    assert not mask[result.mask == ICE].any()
+    with pytest.raises(ValueError, match="unknown region names"):
+        exclusion_mask(result, exclude=("lava",))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="tile_px"):
+        classify_regions(np.zeros((256, 256)), tile_px=15)
+    with pytest.raises(ValueError, match="smaller than two tiles"):
+        classify_regions(np.zeros((100, 100)), tile_px=64)
+    assert CARBON == 2
