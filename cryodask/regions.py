@@ -21,12 +21,15 @@ with the median tile, in units of the robust spread of differences between neigh
 tiles (never less than a tile mean's own noise). A tile passes a test at ``z_threshold``
 spreads, or at half of it when the mean over its 3 x 3 neighbourhood does too (regions are
 wider than a tile, and the average has a third of the noise). A bright tile is
-vacuum; with that much more mid-frequency structure, carbon; that much darker and not
-carbon, contamination (or thick ice) -- and always contamination when far darker (below
-80 % of the median for counts, 4 x the threshold otherwise). Classes are relative to the
+vacuum; with that much more structure, carbon. A dark tile is contamination (or thick
+ice) when far darker (below 80 % of the ice for counting data, whose variance is about its
+mean; 4 x the threshold otherwise);
+a connected region of moderately dark tiles is carbon when the region as a whole is more
+structured than the ice (its mean structure z above 0.5 and 4 / sqrt(tiles)), and
+contamination otherwise. Classes are relative to the
 micrograph's majority, taken to be ice. The contamination and vacuum outlines are then
-refined to pixels: a smoothed image crossing the level halfway between the ice and the
-class, near the tiles found. Regions (connected tiles of one class) form a graph with
+refined to pixels: a smoothed image crossing the level a quarter of the way from the ice
+to the class (so a blob's fading rim is included), near the tiles found. Regions (connected tiles of one class) form a graph with
 their adjacency (networkx).
 """
 
@@ -132,14 +135,45 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
     reference = np.median(shape_[..., band], axis=(0, 1))  # the median tile's spectral shape
     ratio = (shape_[..., band] / np.maximum(reference, 1e-30)).mean(axis=-1)
 
-    m0 = float(np.median(mean))
     m_spread = max(_neighbour_spread(mean), 3.0 * float(np.median(noise)) / tile_px, 1e-12)
     r0 = float(np.median(ratio))
     r_spread = max(_neighbour_spread(ratio), 0.02 * abs(r0), 1e-12)
-    z_mean = (mean - m0) / m_spread
     z_mid = (ratio - r0) / r_spread
-    # Counts have a physical zero: contamination is far darker than a carbon film.
-    counts = m0 > 0 and float(x.min()) >= 0
+    # Counts (variance about equal to the mean) have a physical zero: contamination is far
+    # darker than a carbon film. Other data (offset, scaled) are judged by z alone.
+    level = float(np.median(mean))
+    counts = level > 0 and float(x.min()) >= 0 and 0.2 < float(np.median(noise)) ** 2 / level < 5.0
+    # The ice level: first the median tile, then a plane through the ice tiles (a wedge).
+    m0 = np.full(mean.shape, float(np.median(mean)))
+    for _ in range(2):
+        tiles, z_mean = _classify(mean, m0, m_spread, z_mid, counts, z_threshold)
+        ice = (tiles == ICE) & (np.abs(z_mean) < 3.0)  # only clearly ordinary tiles
+        if ice.sum() >= 6:
+            ty, tx = np.nonzero(np.ones_like(ice))
+            design = np.stack([np.ones(ty.size), ty, tx], axis=1)
+            coef = np.linalg.lstsq(design[ice.ravel()], mean[ice], rcond=None)[0]
+            m0 = (design @ coef).reshape(mean.shape)
+
+    mask = np.kron(tiles, np.ones((tile_px, tile_px), dtype=np.uint8))[: x.shape[0], : x.shape[1]]
+    smooth = ndimage.gaussian_filter(x, tile_px / 4.0, mode="reflect")
+    for code, sign in ((CONTAMINATION, -1.0), (VACUUM, 1.0)):
+        found = tiles == code
+        if not found.any():
+            continue
+        ice_level = np.kron(m0, np.ones((tile_px, tile_px)))[: x.shape[0], : x.shape[1]]
+        level = ice_level + 0.25 * (float(np.median(mean[found])) - ice_level)
+        near = np.kron(ndimage.binary_dilation(found), np.ones((tile_px, tile_px), bool))
+        near = near[: x.shape[0], : x.shape[1]]
+        inside = near & ((smooth - level) * sign > 0)
+        mask[near & (mask == code)] = ICE
+        mask[inside] = code
+    features = {"mean": mean, "noise": noise, "mid_ratio": ratio, "z_mean": z_mean, "z_mid": z_mid}
+    return RegionResult(tiles=tiles, mask=mask, tile_px=tile_px, features=features)
+
+
+def _classify(mean, m0, m_spread, z_mid, counts, z_threshold):
+    """Tile classes from the tile means against the ice level ``m0`` and the structure z."""
+    z_mean = (mean - m0) / m_spread
     strongly_dark = (mean < 0.8 * m0) if counts else (z_mean < -4.0 * z_threshold)
     # Regions are wider than a tile: a tile also counts when the mean z of its 3 x 3
     # neighbourhood (a third of the noise) passes half the threshold.
@@ -151,23 +185,27 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
     structured = (z_mid > z_threshold) | ((area_mid > half) & (z_mid > half))
     tiles = np.full(mean.shape, ICE, dtype=np.uint8)
     tiles[structured] = CARBON
-    tiles[dark & (~structured | strongly_dark)] = CONTAMINATION
+    tiles[dark] = CONTAMINATION
+    # A moderately dark region is carbon when, taken whole, it is more structured than the
+    # ice: the mean z of n tiles has a spread of 1/sqrt(n).
+    labels, n = ndimage.label(dark & ~strongly_dark)
+    for i in range(1, n + 1):
+        region = labels == i
+        if z_mid[region].mean() > max(0.5, 4.0 / np.sqrt(region.sum())):
+            tiles[region] = CARBON
     tiles[bright] = VACUUM
-
-    mask = np.kron(tiles, np.ones((tile_px, tile_px), dtype=np.uint8))[: x.shape[0], : x.shape[1]]
-    smooth = ndimage.gaussian_filter(x, tile_px / 4.0, mode="reflect")
-    for code, sign in ((CONTAMINATION, -1.0), (VACUUM, 1.0)):
-        found = tiles == code
-        if not found.any():
+    # Tiles on a boundary hold some of each side: keep a class only where its mean says it
+    # covers most of the tile, judged against the class's core (its most extreme half).
+    offset = mean - m0
+    for code in (VACUUM, CONTAMINATION, CARBON):
+        member = tiles == code
+        if member.sum() < 2:
             continue
-        level = 0.5 * (m0 + float(np.median(mean[found])))
-        near = np.kron(ndimage.binary_dilation(found), np.ones((tile_px, tile_px), bool))
-        near = near[: x.shape[0], : x.shape[1]]
-        inside = near & ((smooth - level) * sign > 0)
-        mask[near & (mask == code)] = ICE
-        mask[inside] = code
-    features = {"mean": mean, "noise": noise, "mid_ratio": ratio, "z_mean": z_mean, "z_mid": z_mid}
-    return RegionResult(tiles=tiles, mask=mask, tile_px=tile_px, features=features)
+        values = offset[member]
+        core = float(np.median(values[np.abs(values) >= np.median(np.abs(values))]))
+        if abs(core) > 0:
+            tiles[member & (offset / core < 0.5)] = ICE
+    return tiles, z_mean
 
 
 def exclusion_mask(regions, exclude=("vacuum", "contamination")) -> np.ndarray:

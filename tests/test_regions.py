@@ -23,14 +23,14 @@ def _tile_truth(codes):
 
 
 @pytest.mark.parametrize("dose, ice", [(20, 300), (60, 1400), (40, 500)])
-@pytest.mark.parametrize("regions", [{"n_contamination": 3}, {"vacuum_fraction": 0.2}])
-def test_contamination_and_vacuum_tiles_match_the_truth(dose, ice, regions):
+@pytest.mark.parametrize("regions", [{"n_contamination": 3}, {"vacuum_fraction": 0.2}, {"carbon_fraction": 0.3}])
+def test_region_tiles_match_the_truth(dose, ice, regions):
     params = MicrographParams(shape=(1024, 1024), dose_e_per_A2=dose, ice_thickness_A=ice, **regions)
     sim = simulate_micrograph(params, seed=dose + ice)
     result = classify_regions(sim.image, tile_px=TILE)
     truth = _tile_truth(sim.regions)
     assert (result.tiles == truth).mean() >= 0.95
-    code = CONTAMINATION if "n_contamination" in regions else VACUUM
+    code = {"n_contamination": CONTAMINATION, "vacuum_fraction": VACUUM, "carbon_fraction": CARBON}[next(iter(regions))]
     assert ((result.tiles == code) & (truth == code)).sum() >= 0.8 * (truth == code).sum()
 
 
