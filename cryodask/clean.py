@@ -21,9 +21,11 @@ import xarray as xr
 from cryodask import progress
 from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY, correct_pixels, find_impulses
 from cryodask.defects import N_STATISTICS, DatasetDefects, estimate_defects, micrograph_statistics
-from cryodask.pipeline import check_image_chunks
+from cryodask.ctf import CTFSearch
+from cryodask.pipeline import check_image_chunks, estimate_ctf_dataset, regions_dataset
+from cryodask.regions import CONTAMINATION, VACUUM
 
-__all__ = ["MIN_DATASET_MICROGRAPHS", "clean_dataset", "measure_defects"]
+__all__ = ["MIN_DATASET_MICROGRAPHS", "clean_dataset", "estimate_ctf_cleaned", "measure_defects"]
 
 #: Fewer micrographs than this give no dataset defect map or gain estimate.
 MIN_DATASET_MICROGRAPHS = 4
@@ -155,3 +157,28 @@ def clean_dataset(ds: xr.Dataset, *, gain_reference=None, defects=None, dataset_
         out["defect_map"] = (("y", "x"), found.defects.astype(np.uint8), {"codes": "1 defect"})
         out["gain_estimate"] = (("y", "x"), found.gain, {"applied": int(bool(gain_correction))})
     return out
+
+
+def estimate_ctf_cleaned(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), gain_reference=None,
+                         defects=None) -> xr.Dataset:
+    """CTF estimation robust to artifacts: clean, find regions, fit what is left (lazy).
+
+    Each micrograph is corrected in memory (:func:`clean_dataset`, with the dataset's
+    defects and gain when there are enough micrographs), its vacuum and contamination are
+    left out of its spectrum, and the ice-ring shells carry no weight. Nothing is written.
+
+    Returns
+    -------
+    xarray.Dataset
+        The CTF variables of :func:`cryodask.pipeline.estimate_ctf_dataset`, with
+        ``n_hot_pixels``, ``n_xray_pixels``, ``n_defect_pixels`` and
+        ``region_fraction_<kind>`` per micrograph.
+    """
+    cleaned = clean_dataset(ds, gain_reference=gain_reference, defects=defects)
+    work = ds.assign(image=cleaned["image_clean"])
+    regions = regions_dataset(work)
+    exclude = regions["region_mask"].isin([VACUUM, CONTAMINATION])
+    fit = estimate_ctf_dataset(work, search=search, exclude=exclude)
+    counts = cleaned[["n_hot_pixels", "n_xray_pixels", "n_defect_pixels"]]
+    fractions = regions[[name for name in regions.data_vars if name.startswith("region_fraction_")]]
+    return xr.merge([fit, counts, fractions])

@@ -28,6 +28,25 @@ def _add_cluster(parser: argparse.ArgumentParser, default: str | None = None) ->
     )
 
 
+def _add_gain_options(group) -> None:
+    group.add_argument("--gain", metavar="FILE", help="gain reference (MRC/TIFF) to multiply each micrograph by")
+    group.add_argument("--gain-rotate", type=int, default=0, choices=(0, 1, 2, 3),
+                       help="quarter turns of the gain reference from +x towards +y (MotionCor2 -RotGain)")
+    group.add_argument("--gain-flip", type=int, default=0, choices=(0, 1, 2),
+                       help="flip the gain reference after rotating: 1 upside down, 2 left-right")
+    group.add_argument("--defects", metavar="FILE",
+                       help="defect file: 'x y width height' per line (MotionCor2)")
+
+
+def _gain_and_defects(args, shape):
+    from cryodask.defects import read_defect_file, read_gain_reference
+
+    gain = (read_gain_reference(args.gain, rotate=args.gain_rotate, flip=args.gain_flip, shape=shape)
+            if args.gain else None)
+    known = read_defect_file(args.defects, shape) if args.defects else None
+    return gain, known
+
+
 def _add_ingest_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("acquisition (override headers and metadata files)")
     g.add_argument("--pixel-size", type=float, metavar="Å", help="pixel size in Å (default: MRC header)")
@@ -109,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--phase-shift", action="store_true", help="also fit a phase-plate phase shift")
     g.add_argument("--box-size", type=int, metavar="PX",
                    help="spectrum sampling as an equivalent tile size (default: from the search range)")
+    g = p.add_argument_group("cleaning (on by default, in memory: nothing is written)")
+    g.add_argument("--no-clean", action="store_true",
+                   help="fit the raw images: no impulse, defect or region handling")
+    _add_gain_options(g)
     _add_cluster(p)
 
     p = sub.add_parser("clean", help="correct hot pixels, X-rays and detector defects",
@@ -121,12 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micrograph files / globs, or one cryodask store")
     p.add_argument("--out-dir", required=True, help="folder for the corrected micrographs and masks")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--gain", metavar="FILE", help="gain reference (MRC/TIFF) to multiply each micrograph by")
-    p.add_argument("--gain-rotate", type=int, default=0, choices=(0, 1, 2, 3),
-                   help="quarter turns of the gain reference from +x towards +y (MotionCor2 -RotGain)")
-    p.add_argument("--gain-flip", type=int, default=0, choices=(0, 1, 2),
-                   help="flip the gain reference after rotating: 1 upside down, 2 left-right")
-    p.add_argument("--defects", metavar="FILE", help="defect file: 'x y width height' per line (MotionCor2)")
+    _add_gain_options(p)
     p.add_argument("--no-dataset", action="store_true",
                    help="judge each micrograph alone: no dataset defect map or gain estimate")
     p.add_argument("--no-gain-estimate", action="store_true",
@@ -251,7 +269,14 @@ def cmd_ctf(args) -> None:
     with _with_cluster(args.cluster):
         ds, store = _open_inputs(args)
         start = time.perf_counter()
-        (results,) = progress.compute(pipeline.estimate_ctf_dataset(ds, search=search))
+        if args.no_clean:
+            lazy = pipeline.estimate_ctf_dataset(ds, search=search)
+        else:
+            from cryodask.clean import estimate_ctf_cleaned
+
+            gain, known = _gain_and_defects(args, (ds.sizes["y"], ds.sizes["x"]))
+            lazy = estimate_ctf_cleaned(ds, search=search, gain_reference=gain, defects=known)
+        (results,) = progress.compute(lazy)
         elapsed = time.perf_counter() - start
         if store is not None:
             write_variables(results, store, overwrite=True)
@@ -278,6 +303,15 @@ def cmd_ctf(args) -> None:
         print(f"{str(row['micrograph_name'].values)[-40:]:<40} {float(row['defocus_u_A']):>10.0f} "
               f"{float(row['defocus_v_A']):>10.0f} {float(row['defocus_angle_deg']):>7.1f} "
               f"{float(row['ctf_cc']):>7.3f} {float(row['ctf_fit_resolution_A']):>8.2f}{flag}")
+    if "n_hot_pixels" in table:
+        print(f"cleaned in memory: hot pixels {int(table['n_hot_pixels'].sum())}, X-ray pixels "
+              f"{int(table['n_xray_pixels'].sum())}, defect pixels {int(table['n_defect_pixels'].sum())} "
+              f"over {n} micrographs (--no-clean turns this off)")
+        excluded = (table["region_fraction_vacuum"] + table["region_fraction_contamination"]).values
+        for name, fraction in zip(table["micrograph_name"].values, excluded):
+            if fraction > 0.5:
+                print(f"warning: {name}: {100 * fraction:.0f} % of it is vacuum or contamination, "
+                      "left out of its spectrum", file=sys.stderr)
     bad = int((~table["ctf_reliable"]).sum())
     if bad:
         print(f"warning: {bad} of {n} micrographs show no significant Thon rings; their CTF "
@@ -291,16 +325,12 @@ def cmd_clean(args) -> None:
 
     from cryodask import progress
     from cryodask.clean import clean_dataset
-    from cryodask.defects import read_defect_file, read_gain_reference
     from cryodask.io.export import export_mrc
     from cryodask.io.store import write_variables
 
     with _with_cluster(args.cluster):
         ds, store = _open_inputs(args)
-        shape = (ds.sizes["y"], ds.sizes["x"])
-        gain = (read_gain_reference(args.gain, rotate=args.gain_rotate, flip=args.gain_flip, shape=shape)
-                if args.gain else None)
-        known = read_defect_file(args.defects, shape) if args.defects else None
+        gain, known = _gain_and_defects(args, (ds.sizes["y"], ds.sizes["x"]))
         start = time.perf_counter()
         cleaned = clean_dataset(ds, gain_reference=gain, defects=known,
                                 dataset_defects=not args.no_dataset,
@@ -389,6 +419,7 @@ def cmd_demo(args) -> None:
     import xarray as xr
 
     from cryodask import pipeline
+    from cryodask.clean import estimate_ctf_cleaned
     from cryodask.io.star import write_ctf_star
     from cryodask.io.store import open_dataset
     from cryodask.ingest import ingest
@@ -419,7 +450,7 @@ def cmd_demo(args) -> None:
         write_variables(xr.merge([stats, spectra]), store, overwrite=True)
         t3 = time.perf_counter()
         print(f"3. measured image statistics and power spectra -> {store} ({t3 - t2:.1f} s)")
-        write_variables(pipeline.estimate_ctf_dataset(ds), store, overwrite=True)
+        write_variables(estimate_ctf_cleaned(ds), store, overwrite=True)
         t4 = time.perf_counter()
         ds = open_dataset(store)
         star = os.path.join(out, "micrographs_ctf.star")
@@ -428,7 +459,8 @@ def cmd_demo(args) -> None:
         true_mean = 0.5 * (truth["defocus_u_A"] + truth["defocus_v_A"]).to_numpy()
         fitted = 0.5 * (ds["defocus_u_A"].values + ds["defocus_v_A"].values)
         error = 100 * np.abs(fitted / true_mean - 1)
-        print(f"4. estimated {args.count} CTFs -> {store} and {star} ({t4 - t3:.1f} s); mean-defocus "
+        print(f"4. cleaned artifacts, found regions and estimated {args.count} CTFs -> {store} and "
+              f"{star} ({t4 - t3:.1f} s); mean-defocus "
               f"error against the simulator's truth: median {np.median(error):.2f} %, worst "
               f"{error.max():.2f} %; {int((~ds['ctf_reliable'].values).sum())} flagged unreliable")
     print()

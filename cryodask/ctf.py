@@ -44,11 +44,14 @@ __all__ = [
     "FitSpectrum",
     "clip_outliers",
     "estimate_ctf",
+    "fill_excluded",
     "fit_spectrum",
 ]
 
 _POLY_DEGREE = 6
 _N_SECTORS = 6
+#: Shells between these resolutions (Å) hold the amorphous-ice ring (3.66 Å).
+_ICE_RING_BAND_A = (3.95, 3.4)
 
 
 class CTFFitWarning(UserWarning):
@@ -152,6 +155,34 @@ def clip_outliers(image, n_sigma: float = 6.0):
         return image
     bad = (image > median + n_sigma * sigma) | (image < median - n_sigma * sigma)
     return xp.where(bad, xp.asarray(median, dtype=image.dtype), image)
+
+
+def fill_excluded(image, exclude, *, sigma_px: float = 8.0):
+    """Replace excluded pixels by the Gaussian-weighted mean of the included ones nearby.
+
+    Where no included pixel is near, the global mean of the included pixels is used.
+    """
+    import array_api_compat
+
+    xp = namespace(image)
+    if array_api_compat.is_cupy_array(image):
+        import cupyx.scipy.ndimage as ndi
+    else:
+        import scipy.ndimage as ndi
+    x = xp.astype(image, xp.float32)
+    keep = xp.astype(~xp.astype(exclude, xp.bool), xp.float32)
+    if keep.shape != x.shape:
+        raise ValueError(f"exclude has shape {tuple(keep.shape)}, the image {tuple(x.shape)}")
+    if float(xp.min(keep)) == 1.0:
+        return x
+    total = float(xp.sum(keep))
+    if total == 0:
+        raise ValueError("exclude covers the whole image: nothing is left to fit")
+    mean = float(xp.sum(x * keep)) / total
+    num = ndi.gaussian_filter(x * keep, sigma_px)
+    den = ndi.gaussian_filter(keep, sigma_px)
+    local = xp.where(den > 1e-3, num / xp.clip(den, 1e-3, None), xp.asarray(mean, dtype=xp.float32))
+    return xp.where(keep > 0, x, local)
 
 
 def fit_spectrum(image, *, pixel_size_A: float, search: CTFSearch = CTFSearch(),
@@ -289,7 +320,7 @@ def _ncc_1d(profile, weights, models, projector):
 
 def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm: float = 2.7,
                  amplitude_contrast: float = 0.07, search: CTFSearch = CTFSearch(),
-                 clip_sigma: float | None = 6.0, return_spectrum: bool = False):
+                 clip_sigma: float | None = 6.0, exclude=None, return_spectrum: bool = False):
     """Estimate the CTF of one micrograph.
 
     Parameters
@@ -302,6 +333,10 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
         Fit band and search ranges.
     clip_sigma : float or None
         Outlier guard before the FFT (see :func:`clip_outliers`); None turns it off.
+    exclude : (ny, nx) bool array, optional
+        Pixels to leave out of the spectrum (vacuum, contamination...): they are replaced
+        by the smoothed level of the pixels around them, so they add no structure and no
+        sharp edge. Shells near the amorphous-ice ring (3.4-3.95 Å) always get no weight.
     return_spectrum : bool
         Also return the :class:`FitSpectrum` the fit used.
 
@@ -335,6 +370,8 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
         raise ValueError(f"the fit band {search.min_resolution_A}-{search.max_resolution_A} Å does not "
                          f"fit below Nyquist ({2 * pixel_size_A:.2f} Å) at {pixel_size_A} Å/pixel")
     k_res = min(0.98 * nyquist, max(k_hi, 1.0 / 3.0))
+    if exclude is not None:
+        image = fill_excluded(image, exclude)
     spec = fit_spectrum(image, pixel_size_A=pixel_size_A, search=search, voltage_kV=voltage_kV,
                         k_limit=k_res, clip_sigma=clip_sigma)
     if not float(xp.max(spec.power)) > 0:
@@ -349,6 +386,8 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
     rms = _smooth(rms, 3.0)
     empty = not np.all(np.isfinite(rms)) or rms.max() <= 0
     weights = 1.0 / np.maximum(rms, 1e-12 * max(rms.max(), 1e-30))
+    # The amorphous-ice ring is no Thon ring: its shells get no say in the fit.
+    weights[(shells.k_bins > 1.0 / _ICE_RING_BAND_A[0]) & (shells.k_bins < 1.0 / _ICE_RING_BAND_A[1])] = 0.0
     wdata = fdata * xp.take(xp.asarray(weights.astype(np.float32), device=_device(fdata)),
                             shells.index, axis=0)
     wnorm = float(xp.sum(wdata * wdata))
@@ -459,7 +498,8 @@ def _sector_astigmatism(shells, data, weights, mean0, phase0, search, lam, cs_A,
 
 
 def _fit_resolution(spec, log_power, params, lam, cs_A, w, k_lo, k_hi):
-    """Highest frequency up to which the fitted CTF^2 correlates significantly (3 sigma)."""
+    """Highest frequency up to which the fitted CTF^2 correlates significantly (3 sigma),
+    and whether any window shows rings at 4 sigma."""
     mean, a, b, phase = params
     xp = namespace(log_power)
     k_max = float(to_numpy(xp.max(xp.sqrt(spec.ky**2 + 0.0 * spec.kx) + 0.0 * spec.kx)))
@@ -488,9 +528,13 @@ def _fit_resolution(spec, log_power, params, lam, cs_A, w, k_lo, k_hi):
         corr = sdm[i:j].sum() / (math.sqrt(sdd[i:j].sum() * smm[i:j].sum()) + 1e-30)
         if corr > 3.0 / math.sqrt(max(n, 1.0)):
             resolution = 1.0 / k_bins[j - 1]
-            significant = significant or k_bins[i] < k_hi
+            # Rings exist when a window passes 4 sigma (over ~50 windows, noise alone does
+            # so about once in 600 micrographs).
+            significant = significant or corr > 4.0 / math.sqrt(max(n, 1.0))
             failures = 0
-        else:
+        elif significant:
+            # Weak low-resolution shells (thin ice, few rings) do not end the scan; two
+            # failing windows after the rings have shown do.
             failures += 1
             if failures >= 2:
                 break

@@ -106,20 +106,22 @@ def _spectrum_stack(images, *, tile_size, overlap):
     return xp.reshape(out, (*images.shape[:-2], tile_size, tile_size // 2 + 1))
 
 
-def _ctf_block(images, pixel, voltage, cs, ac, *, search):
+def _ctf_block(images, pixel, voltage, cs, ac, exclude, *, search):
     out = np.empty((images.shape[0], len(CTF_VARIABLES)), dtype=np.float64)
     for i in range(images.shape[0]):
         with warnings.catch_warnings():
             # Recorded in ctf_reliable; the caller reports it (workers' warnings are lost).
             warnings.simplefilter("ignore", CTFFitWarning)
             fit = estimate_ctf(images[i], pixel_size_A=float(pixel[i]), voltage_kV=float(voltage[i]),
-                               cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]), search=search)
+                               cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]), search=search,
+                               exclude=exclude[i] if exclude.ndim == 3 else None)
         out[i] = [fit.defocus_u_A, fit.defocus_v_A, fit.defocus_angle_deg, fit.phase_shift_deg,
                   fit.cc, fit.fit_resolution_A, float(fit.reliable)]
     return out
 
 
-def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch()) -> xr.Dataset:
+def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
+                         exclude: xr.DataArray | None = None) -> xr.Dataset:
     """Estimate the CTF of every micrograph, lazily, one task per micrograph.
 
     Parameters
@@ -128,6 +130,8 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch()) -> 
         With ``image (micrograph, y, x)`` and per-micrograph ``pixel_size_A``,
         ``voltage_kV``, ``cs_mm`` and ``amplitude_contrast``.
     search : CTFSearch
+    exclude : DataArray (micrograph, y, x) of bool, optional
+        Pixels to leave out of each spectrum (e.g. vacuum and contamination regions).
 
     Returns
     -------
@@ -142,9 +146,15 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch()) -> 
     for name in ("pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast"):
         var = ds[name].astype(np.float64)
         scalars.append(var.chunk({"micrograph": chunks}) if chunks is not None else var)
+    if exclude is None:
+        exclude = xr.DataArray(np.zeros(image.sizes["micrograph"], dtype=bool), dims=("micrograph",))
+        exclude = exclude.chunk({"micrograph": chunks}) if chunks is not None else exclude
+        exclude_dims = []
+    else:
+        exclude_dims = ["y", "x"]
     result = xr.apply_ufunc(
-        _ctf_block, image, *scalars,
-        input_core_dims=[["y", "x"], [], [], [], []],
+        _ctf_block, image, *scalars, exclude,
+        input_core_dims=[["y", "x"], [], [], [], [], exclude_dims],
         output_core_dims=[["ctf_field"]],
         dask="parallelized",
         output_dtypes=[np.float64],
