@@ -106,7 +106,7 @@ def _spectrum_stack(images, *, tile_size, overlap):
     return xp.reshape(out, (*images.shape[:-2], tile_size, tile_size // 2 + 1))
 
 
-def _ctf_block(images, pixel, voltage, cs, ac, exclude, *, search):
+def _ctf_block(images, pixel, voltage, cs, ac, exclude, *, search, clip_sigma):
     out = np.empty((images.shape[0], len(CTF_VARIABLES)), dtype=np.float64)
     for i in range(images.shape[0]):
         with warnings.catch_warnings():
@@ -114,14 +114,14 @@ def _ctf_block(images, pixel, voltage, cs, ac, exclude, *, search):
             warnings.simplefilter("ignore", CTFFitWarning)
             fit = estimate_ctf(images[i], pixel_size_A=float(pixel[i]), voltage_kV=float(voltage[i]),
                                cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]), search=search,
-                               exclude=exclude[i] if exclude.ndim == 3 else None)
+                               exclude=exclude[i] if exclude.ndim == 3 else None, clip_sigma=clip_sigma)
         out[i] = [fit.defocus_u_A, fit.defocus_v_A, fit.defocus_angle_deg, fit.phase_shift_deg,
                   fit.cc, fit.fit_resolution_A, float(fit.reliable)]
     return out
 
 
 def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
-                         exclude: xr.DataArray | None = None) -> xr.Dataset:
+                         exclude: xr.DataArray | None = None, clip_sigma: float | None = 6.0) -> xr.Dataset:
     """Estimate the CTF of every micrograph, lazily, one task per micrograph.
 
     Parameters
@@ -132,6 +132,9 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
     search : CTFSearch
     exclude : DataArray (micrograph, y, x) of bool, optional
         Pixels to leave out of each spectrum (e.g. vacuum and contamination regions).
+    clip_sigma : float or None
+        The kernel's outlier guard (:func:`cryodask.ctf.clip_outliers`); None fits the
+        raw pixels.
 
     Returns
     -------
@@ -159,7 +162,7 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
         dask="parallelized",
         output_dtypes=[np.float64],
         dask_gufunc_kwargs={"output_sizes": {"ctf_field": len(CTF_VARIABLES)}},
-        kwargs={"search": search},
+        kwargs={"search": search, "clip_sigma": clip_sigma},
         keep_attrs=False,
     )
     out = xr.Dataset()
