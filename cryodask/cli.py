@@ -160,6 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-image files: a stack of micrographs or a movie to sum")
     _add_cluster(p)
 
+    p = sub.add_parser("restore", help="restore micrographs: CTF correction by Wiener filter or phase flip",
+                       description="Clean each micrograph in memory, estimate its CTF, and write "
+                                   "DIR/<name>.mrc: the CTF-corrected image (float32, same shape "
+                                   "and voxel size, protein bright) and DIR/micrographs_ctf.star.")
+    p.add_argument("inputs", nargs="+", metavar="FILES_OR_STORE",
+                   help="micrograph files / globs, or one cryodask store")
+    p.add_argument("--out-dir", required=True, help="folder for the restored micrographs")
+    p.add_argument("--method", choices=("wiener", "phaseflip"), default="wiener",
+                   help="Wiener filter with the micrograph's own signal and noise spectra (default), "
+                        "or phase flipping")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--no-clean", action="store_true", help="restore the raw images (no artifact handling)")
+    _add_gain_options(p)
+    g = p.add_argument_group("acquisition (for files)")
+    g.add_argument("--pixel-size", type=float, metavar="Å", help="pixel size in Å (default: MRC header)")
+    g.add_argument("--voltage", type=float, metavar="kV", help="kV (default: metadata, else 300)")
+    g.add_argument("--cs", type=float, metavar="mm", help="mm (default: metadata, else 2.7)")
+    g.add_argument("--amplitude-contrast", type=float, metavar="Q0", help="(default: metadata, else 0.07)")
+    g.add_argument("--stack", choices=("auto", "micrographs", "sum", "error"), default="auto",
+                   help="multi-image files: a stack of micrographs or a movie to sum")
+    _add_cluster(p)
+
     p = sub.add_parser("info", help="say what a store holds",
                        description="Print a store's dimensions, variables and acquisition values.")
     p.add_argument("store")
@@ -186,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "info": cmd_info,
-               "demo": cmd_demo, "ctf": cmd_ctf, "clean": cmd_clean}[args.command]
+               "demo": cmd_demo, "ctf": cmd_ctf, "clean": cmd_clean,
+               "restore": cmd_restore}[args.command]
     try:
         with dask.config.set({"cryodask.progress": sys.stderr.isatty()}):
             handler(args)
@@ -364,6 +387,47 @@ def cmd_clean(args) -> None:
         print(f"dataset: {int(np.asarray(cleaned['defect_map']).sum())} defective pixels found across {n} "
               f"micrographs; residual gain estimate {'applied' if applied else 'not applied'}")
     print(f"cleaned {n} micrographs in {elapsed:.1f} s -> {args.out_dir}/" + (f" and {store}" if store else ""))
+
+
+def cmd_restore(args) -> None:
+    import xarray as xr
+
+    from cryodask import pipeline, progress
+    from cryodask.io.export import export_mrc
+    from cryodask.io.star import write_ctf_star
+
+    with _with_cluster(args.cluster):
+        ds, store = _open_inputs(args)
+        start = time.perf_counter()
+        if args.no_clean:
+            work, ctf = ds, pipeline.estimate_ctf_dataset(ds)
+        else:
+            from cryodask.clean import clean_dataset
+            from cryodask.regions import CONTAMINATION, VACUUM
+
+            gain, known = _gain_and_defects(args, (ds.sizes["y"], ds.sizes["x"]))
+            cleaned = clean_dataset(ds, gain_reference=gain, defects=known)
+            work = ds.assign(image=cleaned["image_clean"])
+            regions = pipeline.regions_dataset(work)
+            ctf = pipeline.estimate_ctf_dataset(
+                work, exclude=regions["region_mask"].isin([VACUUM, CONTAMINATION]))
+        # The CTF is computed first (small); restoring then reads each micrograph once more.
+        (ctf,) = progress.compute(ctf)
+        restored = pipeline.restore_dataset(work, ctf, method=args.method)
+        out = ds[["micrograph_name", "pixel_size_A"]].assign(image_restored=restored)
+        tasks = export_mrc(out, args.out_dir, variable="image_restored", dtype="float32",
+                           overwrite=args.overwrite, compute=False)
+        progress.compute(*tasks)
+        elapsed = time.perf_counter() - start
+    table = xr.merge([ds[["micrograph_name", "pixel_size_A", "voltage_kV", "cs_mm",
+                          "amplitude_contrast"]].compute(), ctf])
+    write_ctf_star(table, os.path.join(args.out_dir, "micrographs_ctf.star"))
+    n = ds.sizes["micrograph"]
+    bad = int((~ctf["ctf_reliable"]).sum())
+    if bad:
+        print(f"warning: {bad} of {n} micrographs have no reliable CTF fit; check them before use",
+              file=sys.stderr)
+    print(f"restored {n} micrographs ({args.method}) in {elapsed:.1f} s -> {args.out_dir}/")
 
 
 def _plot_one(image, result, meta, search, path):

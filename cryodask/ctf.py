@@ -320,7 +320,8 @@ def _ncc_1d(profile, weights, models, projector):
 
 def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm: float = 2.7,
                  amplitude_contrast: float = 0.07, search: CTFSearch = CTFSearch(),
-                 clip_sigma: float | None = 6.0, exclude=None, return_spectrum: bool = False):
+                 clip_sigma: float | None = 6.0, exclude=None, warn: bool = True,
+                 return_spectrum: bool = False):
     """Estimate the CTF of one micrograph.
 
     Parameters
@@ -337,6 +338,9 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
         Pixels to leave out of the spectrum (vacuum, contamination...): they are replaced
         by the smoothed level of the pixels around them, so they add no structure and no
         sharp edge. Shells near the amorphous-ice ring (3.4-3.95 Å) always get no weight.
+    warn : bool
+        Warn (:class:`CTFFitWarning`) when the fit is unreliable; batch callers that record
+        ``reliable`` turn it off (warning filters are not thread-safe).
     return_spectrum : bool
         Also return the :class:`FitSpectrum` the fit used.
 
@@ -375,7 +379,7 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
     spec = fit_spectrum(image, pixel_size_A=pixel_size_A, search=search, voltage_kV=voltage_kV,
                         k_limit=k_res, clip_sigma=clip_sigma)
     if not float(xp.max(spec.power)) > 0:
-        return _unreliable(search, "the image has no variance", return_spectrum, spec)
+        return _unreliable(search, "the image has no variance", return_spectrum, spec, warn)
     log_power = xp.log(spec.power + 1e-6 * xp.mean(spec.power))
     dk = float(to_numpy(spec.kx[0, 1] - spec.kx[0, 0])) if spec.kx.shape[1] > 1 else k_hi
     n_bins = max(8, int((k_hi - k_lo) / dk))
@@ -398,7 +402,7 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
         return float(xp.sum(wdata * m)) / (math.sqrt(wnorm * float(xp.sum(m * m))) + 1e-30)
 
     if empty or wnorm == 0:
-        return _unreliable(search, "the image has no variance", return_spectrum, spec)
+        return _unreliable(search, "the image has no variance", return_spectrum, spec, warn)
 
     # 1. Mean defocus (and phase) from the rotational average.
     profile = to_numpy(shells.radial_mean(data)).astype(np.float64)
@@ -438,7 +442,7 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
                        phase_shift_deg=phase)
     threshold = 5.0 / math.sqrt(max(n_pix, 1))
     reliable = bool(cc > threshold and significant)
-    if not reliable:
+    if not reliable and warn:
         warnings.warn(f"no significant Thon rings (cc {cc:.3f}, threshold {threshold:.3f}): the CTF "
                       "fit is not reliable", CTFFitWarning, stacklevel=2)
     fit = CTFFit(defocus_u_A=params.defocus_u_A, defocus_v_A=params.defocus_v_A,
@@ -542,8 +546,9 @@ def _fit_resolution(spec, log_power, params, lam, cs_A, w, k_lo, k_hi):
     return resolution, significant
 
 
-def _unreliable(search: CTFSearch, why: str, return_spectrum: bool, spec):
-    warnings.warn(f"no CTF fit: {why}", CTFFitWarning, stacklevel=3)
+def _unreliable(search: CTFSearch, why: str, return_spectrum: bool, spec, warn: bool = True):
+    if warn:
+        warnings.warn(f"no CTF fit: {why}", CTFFitWarning, stacklevel=3)
     nan = float("nan")
     fit = CTFFit(defocus_u_A=nan, defocus_v_A=nan, defocus_angle_deg=nan, phase_shift_deg=nan,
                  cc=0.0, fit_resolution_A=nan, reliable=False)

@@ -10,9 +10,7 @@ import array_api_compat
 import numpy as np
 import xarray as xr
 
-import warnings
-
-from cryodask.ctf import CTFFitWarning, CTFSearch, estimate_ctf
+from cryodask.ctf import CTFSearch, estimate_ctf
 from cryodask.spectrum import power_spectrum
 
 __all__ = [
@@ -22,6 +20,7 @@ __all__ = [
     "image_statistics",
     "power_spectra",
     "regions_dataset",
+    "restore_dataset",
 ]
 
 #: The variables :func:`estimate_ctf_dataset` returns, with their units.
@@ -109,12 +108,11 @@ def _spectrum_stack(images, *, tile_size, overlap):
 def _ctf_block(images, pixel, voltage, cs, ac, exclude, *, search, clip_sigma):
     out = np.empty((images.shape[0], len(CTF_VARIABLES)), dtype=np.float64)
     for i in range(images.shape[0]):
-        with warnings.catch_warnings():
-            # Recorded in ctf_reliable; the caller reports it (workers' warnings are lost).
-            warnings.simplefilter("ignore", CTFFitWarning)
-            fit = estimate_ctf(images[i], pixel_size_A=float(pixel[i]), voltage_kV=float(voltage[i]),
-                               cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]), search=search,
-                               exclude=exclude[i] if exclude.ndim == 3 else None, clip_sigma=clip_sigma)
+        # Unreliable fits are recorded in ctf_reliable and reported by the caller.
+        fit = estimate_ctf(images[i], pixel_size_A=float(pixel[i]), voltage_kV=float(voltage[i]),
+                           cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]), search=search,
+                           exclude=exclude[i] if exclude.ndim == 3 else None, clip_sigma=clip_sigma,
+                           warn=False)
         out[i] = [fit.defocus_u_A, fit.defocus_v_A, fit.defocus_angle_deg, fit.phase_shift_deg,
                   fit.cc, fit.fit_resolution_A, float(fit.reliable)]
     return out
@@ -201,3 +199,59 @@ def regions_dataset(ds: xr.Dataset, *, tile_px: int = 64, variable: str = "image
     for code, name in REGION_CODES.items():
         out[f"region_fraction_{name}"] = (mask == code).mean(("y", "x")).astype(np.float32)
     return out
+
+
+def _restore_block(images, u, v, angle, voltage, cs, ac, phase, pixel, *, method):
+    from cryodask.physics import CTFParams
+    from cryodask.restore import phase_flip, wiener_filter
+
+    out = np.empty(images.shape, dtype=np.float32)
+    for i in range(images.shape[0]):
+        if not np.isfinite(u[i]):
+            out[i] = np.nan  # no CTF, no restoration: NaN says so rather than a guess
+            continue
+        params = CTFParams(defocus_u_A=float(u[i]), defocus_v_A=float(v[i]),
+                           defocus_angle_deg=float(angle[i]), voltage_kV=float(voltage[i]),
+                           cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]),
+                           phase_shift_deg=float(phase[i]))
+        restore = phase_flip if method == "phaseflip" else wiener_filter
+        out[i] = restore(images[i], params, pixel_size_A=float(pixel[i]))
+    return out
+
+
+def restore_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, method: str = "wiener",
+                    variable: str = "image") -> xr.DataArray:
+    """Restore every micrograph with its CTF (lazy, one task per micrograph).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The micrographs and their acquisition variables.
+    ctf : xarray.Dataset
+        The CTF variables (:data:`CTF_VARIABLES`), e.g. from :func:`estimate_ctf_dataset`.
+    method : {"wiener", "phaseflip"}
+    variable : str
+        Which image variable to restore (e.g. ``"image_clean"``).
+
+    Returns
+    -------
+    DataArray ``image_restored (micrograph, y, x)`` float32: the CTF-free projection with
+    protein positive; NaN for a micrograph without a CTF estimate.
+    """
+    if method not in ("wiener", "phaseflip"):
+        raise ValueError(f"method must be 'wiener' or 'phaseflip', got {method!r}")
+    image = ds[variable]
+    check_image_chunks(image)
+    chunks = image.chunks[0] if image.chunks is not None else None
+    names = [("defocus_u_A", ctf), ("defocus_v_A", ctf), ("defocus_angle_deg", ctf),
+             ("voltage_kV", ds), ("cs_mm", ds), ("amplitude_contrast", ds), ("phase_shift_deg", ctf),
+             ("pixel_size_A", ds)]
+    scalars = []
+    for name, source in names:
+        var = source[name].astype(np.float64)
+        scalars.append(var.chunk({"micrograph": chunks}) if chunks is not None else var)
+    restored = xr.apply_ufunc(_restore_block, image, *scalars,
+                              input_core_dims=[["y", "x"]] + [[]] * len(scalars),
+                              output_core_dims=[["y", "x"]], dask="parallelized",
+                              output_dtypes=[np.float32], kwargs={"method": method}, keep_attrs=False)
+    return restored.rename("image_restored").assign_attrs(method=method, sign="protein positive")

@@ -1,0 +1,153 @@
+"""Restoration of one micrograph: phase flipping and Wiener deconvolution of the CTF.
+
+Both estimate the CTF-free projected potential with protein positive (bright): the image
+contrast is ``CTF(k)·P(k)`` with CTFFIND's sign (``CTF < 0`` at low frequency, protein
+dark under focus), so multiplying by ``sign(CTF)`` or by the Wiener filter
+``CTF·S / (CTF²·S + N)`` turns protein bright.
+
+The Wiener filter's signal and noise come from the micrograph's own 2D spectrum: in each
+thin shell ``|k|``, the power of every Fourier pixel is regressed on that pixel's
+``CTF²`` (the CTF's astigmatism included): ``power = N(k) + S(k)·CTF²``. The intercept is
+the power that does not follow the CTF (shot noise, detector), the slope the power that
+does (the specimen: particles, and the ice's own structure). Both are smoothed across
+shells and kept positive.
+
+References
+----------
+Downing & Glaeser (2008) Ultramicroscopy 108, 921 (phase flipping, Wiener restoration).
+"""
+
+from __future__ import annotations
+
+
+
+import numpy as np
+
+from cryodask.backend import fft_module, namespace, to_numpy
+from cryodask.physics import CTFParams, ctf_2d, frequency_grid
+
+__all__ = ["fit_signal_noise", "phase_flip", "wiener_filter"]
+
+
+def _ctf_grid(shape, pixel_size_A, params, xp, device=None):
+    ky, kx = frequency_grid(shape, pixel_size_A, layout="rfft", xp=xp, device=device)
+    return ky, kx, ctf_2d(ky, kx, params, with_envelope=False)
+
+
+def phase_flip(image, params: CTFParams, *, pixel_size_A: float):
+    """Multiply the image's transform by ``sign(CTF)``: protein comes out bright.
+
+    Parameters
+    ----------
+    image : (ny, nx) array
+    params : CTFParams
+    pixel_size_A : float
+
+    Returns
+    -------
+    (ny, nx) float32 array, mean zero
+    """
+    xp = namespace(image)
+    fft = fft_module(image)
+    x = xp.astype(image, xp.float32)
+    f = fft.rfftn(x - xp.mean(x), axes=(0, 1))
+    _, _, ctf = _ctf_grid(x.shape, pixel_size_A, params, xp)
+    flip = xp.where(ctf >= 0, xp.asarray(1.0, dtype=xp.float32), xp.asarray(-1.0, dtype=xp.float32))
+    return xp.astype(fft.irfftn(f * flip, s=x.shape, axes=(0, 1)), xp.float32)
+
+
+def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells: int | None = None,
+                     smooth_shells: float = 2.0):
+    """Signal and noise power per shell from the micrograph's own spectrum.
+
+    Returns
+    -------
+    k : (n_shells,) array, 1/Å
+    signal : (n_shells,) array
+        ``S(k)``: power that follows ``CTF²`` (per Fourier pixel, before the CTF).
+    noise : (n_shells,) array
+        ``N(k)``: power that does not.
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    x = np.asarray(to_numpy(image), dtype=np.float32)
+    ny, nx = x.shape
+    f = np.fft.rfft2(x - x.mean())
+    power = (f.real**2 + f.imag**2) / (ny * nx)
+    ky, kx, ctf = _ctf_grid(x.shape, pixel_size_A, params, np)
+    k = np.sqrt(ky**2 + kx**2) + 0 * kx
+    c2 = (ctf**2) + 0 * kx
+    nyquist = 0.5 / pixel_size_A
+    n_shells = n_shells or max(16, min(ny, nx) // 8)
+    index = np.minimum((k / nyquist * n_shells).astype(int), n_shells - 1).ravel()
+    p = power.ravel().astype(np.float64)
+    c = c2.ravel().astype(np.float64)
+    counts = np.bincount(index, minlength=n_shells).astype(np.float64)
+    sc = np.bincount(index, c, n_shells)
+    sp = np.bincount(index, p, n_shells)
+    scc = np.bincount(index, c * c, n_shells)
+    scp = np.bincount(index, c * p, n_shells)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var_c = scc / counts - (sc / counts) ** 2
+        slope = (scp / counts - (sc / counts) * (sp / counts)) / var_c
+        intercept = sp / counts - slope * sc / counts
+    # Shells where CTF² hardly varies (the lowest) cannot separate the two: use neighbours.
+    good = np.isfinite(slope) & (var_c > 0.02) & (counts > 8)
+    centres = (np.arange(n_shells) + 0.5) * nyquist / n_shells
+    if good.sum() < 2:
+        total = np.where(counts > 0, sp / np.maximum(counts, 1), 0.0)
+        return centres, np.zeros(n_shells), total
+    # The noise is smooth: fitted where the rings separate it, carried flat to low k.
+    intercept = np.interp(centres, centres[good], intercept[good])
+    noise = np.clip(gaussian_filter1d(intercept, smooth_shells, mode="nearest"), 1e-12, None)
+    # The signal: the regression slope where the rings separate it; below the first ring,
+    # the shell's power above the noise over its mean CTF² (floored so that the low
+    # frequencies are not amplified without bound).
+    mean_c2 = np.where(counts > 0, sc / np.maximum(counts, 1), 0.0)
+    total = np.where(counts > 0, sp / np.maximum(counts, 1), 0.0)
+    excess = np.clip(total - noise, 0.0, None) / np.maximum(mean_c2, 0.05)
+    first = np.argmax(good)
+    signal = np.where(np.arange(n_shells) < first, excess, np.interp(centres, centres[good], slope[good]))
+    signal = np.clip(gaussian_filter1d(signal, smooth_shells, mode="nearest"), 0.0, None)
+    # Below 1/200 Å^-1 the power is the ice-thickness background, not the specimen.
+    signal[centres < 1.0 / 200.0] = 0.0
+    return centres, signal, noise
+
+
+def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None, noise=None,
+                  k=None):
+    """Wiener estimate of the CTF-free image: ``F · CTF·S / (CTF²·S + N)``.
+
+    Parameters
+    ----------
+    image : (ny, nx) array
+    params : CTFParams
+        The CTF (its envelope is not applied: ``S`` already carries it).
+    pixel_size_A : float
+    signal, noise, k : (n,) arrays, optional
+        ``S(k)`` and ``N(k)`` on shells ``k`` (1/Å); by default fitted from the image
+        itself (:func:`fit_signal_noise`).
+
+    Returns
+    -------
+    (ny, nx) float32 array, mean zero, protein positive
+
+    Notes
+    -----
+    With a unit CTF and no noise (``N -> 0``) the filter is the identity.
+    """
+    xp = namespace(image)
+    fft = fft_module(image)
+    x = xp.astype(image, xp.float32)
+    if signal is None or noise is None or k is None:
+        k, signal, noise = fit_signal_noise(image, params, pixel_size_A=pixel_size_A)
+    ky, kx, ctf = _ctf_grid(x.shape, pixel_size_A, params, xp)
+    kk = to_numpy(xp.sqrt(ky * ky + kx * kx) + 0.0 * kx).astype(np.float64)
+    s = xp.asarray(np.interp(kk, k, signal).astype(np.float32))
+    n = xp.asarray(np.maximum(np.interp(kk, k, noise), 1e-30).astype(np.float32))
+    f = fft.rfftn(x - xp.mean(x), axes=(0, 1))
+    gain = ctf * s / (ctf * ctf * s + n)
+    return xp.astype(fft.irfftn(f * gain, s=x.shape, axes=(0, 1)), xp.float32)
+
+
+

@@ -1,0 +1,65 @@
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+
+from cryodask.cli import main
+from cryodask.io.images import write_mrc
+from cryodask.physics import CTFParams
+from cryodask.restore import fit_signal_noise, phase_flip, wiener_filter
+from cryodask.simulate import MicrographParams, simulate_micrograph
+
+
+def _corr(a, b):
+    a = a - a.mean()
+    b = b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_wiener_with_unit_ctf_and_no_noise_is_the_identity():
+    unit = CTFParams(defocus_u_A=0.0, defocus_v_A=0.0, cs_mm=0.0, amplitude_contrast=0.0,
+                     phase_shift_deg=-90.0)  # -sin(-90 deg) = 1 at every frequency
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(48, 64)).astype(np.float32)
+    k = np.linspace(0, 1, 8)
+    out = wiener_filter(image, unit, pixel_size_A=1.0, signal=np.ones(8), noise=np.full(8, 1e-12), k=k)
+    np.testing.assert_allclose(out, image - image.mean(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dose", [20, 40, 60])
+def test_restoration_makes_protein_bright_and_wiener_beats_phase_flip(dose):
+    params = MicrographParams(shape=(768, 768), dose_e_per_A2=dose, defocus_u_A=16000,
+                              defocus_v_A=15000, defocus_angle_deg=40, ice_thickness_A=400)
+    sim = simulate_micrograph(params, seed=dose)
+    ctf = CTFParams(params.defocus_u_A, params.defocus_v_A, params.defocus_angle_deg)
+    raw = _corr(sim.image, sim.projection)
+    flipped = _corr(phase_flip(sim.image, ctf, pixel_size_A=1.0), sim.projection)
+    wiener = _corr(wiener_filter(sim.image, ctf, pixel_size_A=1.0), sim.projection)
+    assert raw < 0 < flipped  # protein is dark in the raw image, bright once restored
+    assert wiener > max(flipped, -raw) + 0.2
+
+
+def test_fitted_spectra_are_positive_and_noise_matches_shot_noise():
+    params = MicrographParams(shape=(512, 512), dose_e_per_A2=30, ice_thickness_A=200)
+    sim = simulate_micrograph(params, seed=3)
+    k, signal, noise = fit_signal_noise(sim.image, params.ctf, pixel_size_A=1.0)
+    assert (signal >= 0).all() and (noise > 0).all()
+    # Shot noise is white with the variance of the counts; the MTF has no effect on it here.
+    mid = (k > 0.1) & (k < 0.3)
+    assert np.median(noise[mid]) == pytest.approx(sim.noise_variance["dose"], rel=0.15)
+
+
+def test_cli_restore_writes_micrographs_and_star(tmp_path):
+    for i in range(2):
+        sim = simulate_micrograph(MicrographParams(shape=(1024, 1024), defocus_u_A=14000 + 2000 * i,
+                                                   defocus_v_A=13500 + 2000 * i), seed=i)
+        write_mrc(tmp_path / f"m{i}.mrc", sim.image, pixel_size_A=1.0)
+    assert main(["restore", str(tmp_path / "m*.mrc"), "--out-dir", str(tmp_path / "out")]) == 0
+    with mrcfile.open(tmp_path / "out" / "m1.mrc") as mrc:
+        assert mrc.data.shape == (1024, 1024) and mrc.data.dtype == np.float32
+        assert float(mrc.voxel_size.x) == pytest.approx(1.0)
+    star = starfile.read(tmp_path / "out" / "micrographs_ctf.star", always_dict=True)["micrographs"]
+    assert len(star) == 2
+    np.testing.assert_allclose(0.5 * (star["rlnDefocusU"] + star["rlnDefocusV"]), [13750, 15750], rtol=0.01)
+    assert main(["restore", str(tmp_path / "m*.mrc"), "--out-dir", str(tmp_path / "out"),
+                 "--method", "phaseflip"]) == 2  # outputs exist: refused without --overwrite
