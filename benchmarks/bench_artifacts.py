@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import scipy.fft
 
+from benchmarks.common import best_of
 from cryodask import artifacts as A
 from cryodask.defects import estimate_defects, micrograph_statistics
 from cryodask.regions import classify_regions
@@ -96,13 +96,7 @@ def timing(size=4096, repeats=2):
     image = simulate_micrograph(params, detector=Detector(gain_std=0.03, seed=2), seed=1).image
 
     def best(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return best_of(fn, repeats)
 
     floor = best(lambda: scipy.fft.rfft2(image, workers=1))
     clean = best(lambda: A.clean_micrograph(image))

@@ -16,24 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 import warnings
 
 import numpy as np
 import scipy.fft
 
+from benchmarks.common import best_of
 from cryodask.ctf import CTFFitWarning, estimate_ctf
 from cryodask.simulate import MicrographParams, simulate_micrograph
-
-
-def _best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def timing(sizes, repeats=3):
@@ -42,10 +32,10 @@ def timing(sizes, repeats=3):
         params = MicrographParams(shape=(size, size), pixel_size_A=4096 / size * 0.7,
                                   defocus_u_A=18000, defocus_v_A=17000, defocus_angle_deg=30)
         image = simulate_micrograph(params, seed=1).image
-        floor = _best_of(lambda: scipy.fft.rfft2(image, workers=1), repeats)
+        floor = best_of(lambda: scipy.fft.rfft2(image, workers=1), repeats)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CTFFitWarning)
-            ctf = _best_of(lambda: estimate_ctf(image, pixel_size_A=params.pixel_size_A), repeats)
+            ctf = best_of(lambda: estimate_ctf(image, pixel_size_A=params.pixel_size_A), repeats)
         rows.append({"size": size, "pixel_size_A": params.pixel_size_A, "ctf_s": ctf,
                      "rfft2_floor_s": floor, "ratio_to_floor": ctf / floor})
     return rows

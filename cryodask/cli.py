@@ -28,6 +28,17 @@ def _add_cluster(parser: argparse.ArgumentParser, default: str | None = None) ->
     )
 
 
+def _add_file_acquisition(parser) -> None:
+    """Acquisition options for commands that take micrograph files or a store."""
+    g = parser.add_argument_group("acquisition (for files; a store has its own)")
+    g.add_argument("--pixel-size", type=float, metavar="Å", help="pixel size in Å (default: MRC header)")
+    g.add_argument("--voltage", type=float, metavar="kV", help="kV (default: metadata, else 300)")
+    g.add_argument("--cs", type=float, metavar="mm", help="spherical aberration in mm (default: metadata, else 2.7)")
+    g.add_argument("--amplitude-contrast", type=float, metavar="Q0", help="(default: metadata, else 0.07)")
+    g.add_argument("--stack", choices=("auto", "micrographs", "sum", "error"), default="auto",
+                   help="multi-image files: a stack of micrographs or a movie to sum")
+
+
 def _add_gain_options(group) -> None:
     group.add_argument("--gain", metavar="FILE", help="gain reference (MRC/TIFF) to multiply each micrograph by")
     group.add_argument("--gain-rotate", type=int, default=0, choices=(0, 1, 2, 3),
@@ -112,13 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="micrographs_ctf.star", help="STAR file to write (default micrographs_ctf.star)")
     p.add_argument("--ctffind-txt", metavar="FILE", help="also write a CTFFIND-style text table")
     p.add_argument("--diagnostics", metavar="DIR", help="write <name>_ctf.png per micrograph into DIR")
-    g = p.add_argument_group("acquisition (for files; a store has its own)")
-    g.add_argument("--pixel-size", type=float, metavar="Å", help="pixel size in Å (default: MRC header)")
-    g.add_argument("--voltage", type=float, metavar="kV", help="kV (default: metadata, else 300)")
-    g.add_argument("--cs", type=float, metavar="mm", help="spherical aberration in mm (default: metadata, else 2.7)")
-    g.add_argument("--amplitude-contrast", type=float, metavar="Q0", help="(default: metadata, else 0.07)")
-    g.add_argument("--stack", choices=("auto", "micrographs", "sum", "error"), default="auto",
-                   help="multi-image files: a stack of micrographs or a movie to sum")
+    _add_file_acquisition(p)
     g = p.add_argument_group("search")
     g.add_argument("--min-res", type=float, default=30.0, metavar="Å", help="low-resolution limit of the fit (default 30)")
     g.add_argument("--max-res", type=float, default=5.0, metavar="Å", help="high-resolution limit of the fit (default 5)")
@@ -154,10 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also classify ice / vacuum / carbon / contamination and write "
                         "DIR/<name>_regions.mrc (codes 0-3)")
     p.add_argument("--tile-size", type=int, default=64, metavar="PX", help="region tile size (default 64)")
-    g = p.add_argument_group("acquisition (for files)")
-    g.add_argument("--pixel-size", type=float, metavar="Å", help="pixel size in Å (default: MRC header)")
-    g.add_argument("--stack", choices=("auto", "micrographs", "sum", "error"), default="auto",
-                   help="multi-image files: a stack of micrographs or a movie to sum")
+    _add_file_acquisition(p)
     _add_cluster(p)
 
     p = sub.add_parser("restore", help="restore micrographs: CTF correction by Wiener filter or phase flip",
@@ -173,13 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-clean", action="store_true", help="restore the raw images (no artifact handling)")
     _add_gain_options(p)
-    g = p.add_argument_group("acquisition (for files)")
-    g.add_argument("--pixel-size", type=float, metavar="Å", help="pixel size in Å (default: MRC header)")
-    g.add_argument("--voltage", type=float, metavar="kV", help="kV (default: metadata, else 300)")
-    g.add_argument("--cs", type=float, metavar="mm", help="mm (default: metadata, else 2.7)")
-    g.add_argument("--amplitude-contrast", type=float, metavar="Q0", help="(default: metadata, else 0.07)")
-    g.add_argument("--stack", choices=("auto", "micrographs", "sum", "error"), default="auto",
-                   help="multi-image files: a stack of micrographs or a movie to sum")
+    _add_file_acquisition(p)
     _add_cluster(p)
 
     p = sub.add_parser("info", help="say what a store holds",
@@ -269,9 +265,8 @@ def _open_inputs(args):
     stores = [p for p in args.inputs if _is_store(p)]
     if stores:
         raise CLIError(f"give one store, or micrograph files, not both ({stores[0]})")
-    ds = micrographs_dataset(args.inputs, pixel_size_A=args.pixel_size,
-                             voltage_kV=getattr(args, "voltage", None), cs_mm=getattr(args, "cs", None),
-                             amplitude_contrast=getattr(args, "amplitude_contrast", None), stack=args.stack)
+    ds = micrographs_dataset(args.inputs, pixel_size_A=args.pixel_size, voltage_kV=args.voltage,
+                             cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast, stack=args.stack)
     return ds, None
 
 
