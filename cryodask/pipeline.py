@@ -18,6 +18,7 @@ __all__ = [
     "check_image_chunks",
     "estimate_ctf_dataset",
     "image_statistics",
+    "noise_dataset",
     "power_spectra",
     "regions_dataset",
     "restore_dataset",
@@ -255,3 +256,63 @@ def restore_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, method: str = "wiener",
                               output_core_dims=[["y", "x"]], dask="parallelized",
                               output_dtypes=[np.float32], kwargs={"method": method}, keep_attrs=False)
     return restored.rename("image_restored").assign_attrs(method=method, sign="protein positive")
+
+
+def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, gain, defects):
+    from cryodask.causal import NOISE_CAUSES, decompose_noise
+    from cryodask.physics import CTFParams
+
+    out = np.full((images.shape[0], 2 * len(NOISE_CAUSES)), np.nan, dtype=np.float64)
+    for i in range(images.shape[0]):
+        if not np.isfinite(u[i]):
+            continue
+        params = CTFParams(defocus_u_A=float(u[i]), defocus_v_A=float(v[i]),
+                           defocus_angle_deg=float(angle[i]), voltage_kV=float(voltage[i]),
+                           cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]),
+                           phase_shift_deg=float(phase[i]))
+        found = decompose_noise(images[i], params, pixel_size_A=float(pixel[i]),
+                                gain_estimate=gain if gain.ndim == 2 else None,
+                                defects=defects > 0 if defects.ndim == 2 else None)
+        out[i] = [found.variance[c] for c in NOISE_CAUSES] + [found.gain[c] for c in NOISE_CAUSES]
+    return out
+
+
+def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defects=None) -> xr.Dataset:
+    """Each micrograph's noise variance per cause and counterfactual gains (lazy).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``noise_var_<cause>``, ``share_<cause>`` and ``gain_<cause>`` per micrograph for
+        the causes of :data:`cryodask.causal.NOISE_CAUSES` (NaN where there is no CTF).
+    """
+    from cryodask.causal import NOISE_CAUSES
+
+    image = ds["image"]
+    check_image_chunks(image)
+    chunks = image.chunks[0] if image.chunks is not None else None
+    names = [("defocus_u_A", ctf), ("defocus_v_A", ctf), ("defocus_angle_deg", ctf),
+             ("voltage_kV", ds), ("cs_mm", ds), ("amplitude_contrast", ds), ("phase_shift_deg", ctf),
+             ("pixel_size_A", ds)]
+    scalars = []
+    for name, source in names:
+        var = source[name].astype(np.float64)
+        scalars.append(var.chunk({"micrograph": chunks}) if chunks is not None else var)
+    gain = np.zeros(0) if gain_estimate is None else np.asarray(gain_estimate, np.float32)
+    known = np.zeros(0) if defects is None else np.asarray(defects, np.uint8)
+    result = xr.apply_ufunc(
+        _noise_block, image, *scalars,
+        input_core_dims=[["y", "x"]] + [[]] * len(scalars), output_core_dims=[["noise_field"]],
+        dask="parallelized", output_dtypes=[np.float64],
+        dask_gufunc_kwargs={"output_sizes": {"noise_field": 2 * len(NOISE_CAUSES)}},
+        kwargs={"gain": gain, "defects": known}, keep_attrs=False)
+    out = xr.Dataset()
+    n = len(NOISE_CAUSES)
+    total = result.isel(noise_field=slice(0, n)).sum("noise_field")
+    for i, cause in enumerate(NOISE_CAUSES):
+        var = result.isel(noise_field=i, drop=True)
+        out[f"noise_var_{cause}"] = var.astype(np.float32).assign_attrs(units="image units^2")
+        out[f"share_{cause}"] = (var / total).astype(np.float32)
+        out[f"gain_{cause}"] = result.isel(noise_field=n + i, drop=True).astype(np.float32).assign_attrs(
+            meaning="relative gain in integrated spectral SNR with this cause at its ideal")
+    return out

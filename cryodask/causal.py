@@ -1,0 +1,224 @@
+"""The causal noise model (Module 4), first part: the graph, and each cause's share.
+
+The graph (DESIGN.md) as data: causes, what each one adds to the observed spectrum, and
+the edges between them. :func:`causal_graph` returns it as a ``networkx.DiGraph`` a user
+can inspect or extend.
+
+Per micrograph, :func:`decompose_noise` splits the image's noise variance among the causes
+that add noise, from direct measurements where they exist and from the spectrum where not:
+
+* ``artifacts``: the excess energy of the impulses found (hot pixels, X-rays) over their
+  local reference;
+* ``dose``: shot noise, the mean count for counting data (Poisson); for other data it
+  cannot be told from white detector noise and takes the whole white level;
+* ``detector``: the white level of the cleaned spectrum beyond the shot noise (pixel gain
+  errors, read noise), the smooth part of the dataset's gain estimate times the counts, and
+  the defects' excess energy;
+* ``ice``: the low-frequency power below 1/200 Å^-1 not explained by the gain pattern
+  (thickness variation), plus the amorphous-ice structure measured from its ring at
+  1/3.66 Å^-1 where the pixel size shows it.
+
+The white level and the CTF-modulated signal come from regressing each shell's power on
+the CTF² of its Fourier pixels (:func:`cryodask.restore.fit_signal_noise`).
+
+Counterfactual gains compare the spectral signal-to-noise ratio integrated from 1/200 Å^-1
+to Nyquist, ``I = sum_k S(k) CTF²(k) / N(k)``, with a cause at its ideal: no artifacts, a
+perfect detector, no ice noise, or twice the dose (shot noise relative to signal halves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY, find_impulses, correct_pixels
+from cryodask.physics import CTFParams, ctf_2d, frequency_grid
+from cryodask.restore import fit_signal_noise
+
+__all__ = ["NOISE_CAUSES", "NoiseDecomposition", "causal_graph", "decompose_noise"]
+
+#: The causes that add noise, in the order of every table.
+NOISE_CAUSES = ("dose", "ice", "detector", "artifacts")
+
+_NODES = {
+    "dose": ("shot noise (white, proportional to dose) and signal power (proportional to dose^2)", []),
+    "motion": ("envelope E(k) (B-factor)", []),
+    "coherence": ("envelope E(k) (B-factor)", []),
+    "aberrations": ("CTF(k): defocus, astigmatism, Cs, phase shift", []),
+    "ice": ("smooth low-frequency background and CTF-modulated structural noise", []),
+    "sample": ("signal power: particle density and heterogeneity", []),
+    "detector": ("MTF, gain pattern, read noise, defects", []),
+    "artifacts": ("impulse noise: hot pixels, X-rays", []),
+    "spectrum": ("PS(k) = MTF^2 [E^2 CTF^2 S + B_ice] + N_shot NPS + N_det + N_imp",
+                 ["dose", "motion", "coherence", "aberrations", "ice", "sample", "detector", "artifacts"]),
+}
+
+
+def causal_graph():
+    """The causal graph of a micrograph's spectrum as a ``networkx.DiGraph``.
+
+    Each node has ``description`` and ``adds_noise`` (True for :data:`NOISE_CAUSES`);
+    edges point from causes to the observed ``spectrum``. Add a node with
+    ``graph.add_node(name, description=...)`` and an edge to ``"spectrum"``.
+    """
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    for name, (description, parents) in _NODES.items():
+        graph.add_node(name, description=description, adds_noise=name in NOISE_CAUSES)
+        for parent in parents:
+            graph.add_edge(parent, name)
+    return graph
+
+
+@dataclass
+class NoiseDecomposition:
+    """Each cause's noise variance (image units squared) and what removing it would gain."""
+
+    variance: dict = field(default_factory=dict)
+    gain: dict = field(default_factory=dict)
+    counting: bool = False
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.variance.values()))
+
+    @property
+    def shares(self) -> dict:
+        total = self.total
+        return {c: (v / total if total > 0 else float("nan")) for c, v in self.variance.items()}
+
+    @property
+    def top_cause(self) -> str:
+        """The cause whose ideal gains the most, dose excluded (it is a budget, not a flaw)."""
+        candidates = {c: g for c, g in self.gain.items() if c != "dose"}
+        return max(candidates, key=candidates.get) if candidates else ""
+
+
+def _excess(image, reference, where):
+    n = image.size
+    return float(((image[where] - reference[where]).astype(np.float64) ** 2).sum() / n)
+
+
+def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimate=None,
+                    defects=None) -> NoiseDecomposition:
+    """Split one micrograph's noise variance among dose, ice, detector and artifacts.
+
+    Parameters
+    ----------
+    image : (ny, nx) array
+        The raw micrograph (NumPy), artifacts and all.
+    params : CTFParams
+        Its CTF (e.g. from :func:`cryodask.ctf.estimate_ctf`).
+    pixel_size_A : float
+    gain_estimate : (ny, nx) array, optional
+        The dataset's gain estimate (:func:`cryodask.clean.measure_defects`); its smooth
+        part is detector noise, not ice.
+    defects : (ny, nx) bool array, optional
+        Known fixed defects.
+
+    Returns
+    -------
+    NoiseDecomposition
+    """
+    from scipy import ndimage
+
+    x = np.asarray(image, dtype=np.float32)
+    found = find_impulses(x, defects=defects)
+    impulse = (found.mask == HOT_PIXEL) | (found.mask == XRAY)
+    variance = {"artifacts": _excess(x, found.reference, impulse)}
+    defect_var = _excess(x, found.reference, found.mask == DEFECT)
+    clean = correct_pixels(x, found.mask, found.reference, found.sigma, counting=found.counting,
+                           fano=found.fano, seed=0)
+    mean = float(clean.mean())
+    k, signal, noise = fit_signal_noise(clean, params, pixel_size_A=pixel_size_A)
+    nyquist = 0.5 / pixel_size_A
+    high = (k > 0.55 * nyquist) & (k < 0.95 * nyquist)
+    white = float(np.median(noise[high]))
+    counting = found.counting
+    shot = mean if counting else white
+    variance["dose"] = shot
+    smooth_gain = 0.0
+    if gain_estimate is not None:
+        g = np.asarray(gain_estimate, dtype=np.float64)
+        smooth_gain = float(np.var(ndimage.gaussian_filter(g, 8.0) * mean))
+    variance["detector"] = max(white - shot, 0.0) + smooth_gain + defect_var
+
+    # Low-frequency power above the white level: thickness background (and smooth gain).
+    f = np.fft.rfft2(clean - mean)
+    power = (f.real**2 + f.imag**2) / clean.size**2
+    ky, kx = frequency_grid(clean.shape, pixel_size_A, layout="rfft", dtype=np.float64)
+    kk = np.sqrt(ky**2 + kx**2) + 0 * kx
+    weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
+    low = (kk > 0) & (kk < 1.0 / 200.0)
+    background = float((weight * power)[low].sum()) - white * float(weight[low].sum()) / clean.size
+    ice_structure, ice_spectrum = _ice_structure(k, signal, clean.shape, pixel_size_A, params)
+    variance["ice"] = max(background - smooth_gain, 0.0) + ice_structure
+    # Each cause's noise power per Fourier pixel on the shells (impulses are white).
+    spectra = {"dose": np.full_like(k, shot), "detector": np.full_like(k, max(white - shot, 0.0)),
+               "artifacts": np.full_like(k, variance["artifacts"]), "ice": ice_spectrum}
+    return NoiseDecomposition(variance={c: float(variance[c]) for c in NOISE_CAUSES},
+                              gain=_counterfactual_gains(k, signal, spectra, params, pixel_size_A),
+                              counting=counting)
+
+
+def _ice_structure(k, signal, shape, pixel_size_A, params):
+    """The amorphous-ice structure, from its ring in the CTF-modulated signal.
+
+    Fits ``signal = a + b k + c * ring(k)`` over 0.2-0.36 Å^-1 (where the pixel size shows
+    it); ``c`` scales the ice structure factor (:func:`cryodask.simulate.micrograph.
+    ice_power_spectrum`, the simulator's own physics), spread over all frequencies with the
+    CTF.
+
+    Returns
+    -------
+    variance : float
+        Its variance in the image.
+    spectrum : (n,) array
+        Its power per Fourier pixel on the shells ``k`` (CTF² averaged over azimuth).
+    """
+    from cryodask.simulate.micrograph import ice_power_spectrum
+
+    zero = (0.0, np.zeros_like(k))
+    band = (k > 0.2) & (k < 0.36)
+    if band.sum() < 5:
+        return zero
+    unit = ice_power_spectrum(k, 1.0)  # per Å of ice: the structure factor's shape
+    ring = unit - ice_power_spectrum(np.full_like(k, 0.2), 1.0)
+    design = np.stack([np.ones(band.sum()), k[band], ring[band]], axis=1)
+    scale = max(float(np.linalg.lstsq(design, signal[band], rcond=None)[0][2]), 0.0)
+    if scale == 0.0:
+        return zero
+    ky, kx = frequency_grid(shape, pixel_size_A, layout="rfft", dtype=np.float64)
+    kk = np.sqrt(ky**2 + kx**2) + 0 * kx
+    ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
+    weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
+    per_pixel = scale * np.interp(kk, k, unit) * ctf2
+    variance = float((per_pixel * weight).sum() / (shape[0] * shape[1]))
+    return variance, scale * unit * _mean_ctf2(k, params)
+
+
+def _mean_ctf2(k, params):
+    """CTF² on shells ``k``, averaged over azimuth (astigmatism included)."""
+    alpha = np.linspace(0.0, np.pi, 16, endpoint=False)[:, None]
+    ky, kx = k[None, :] * np.sin(alpha), k[None, :] * np.cos(alpha)
+    return (ctf_2d(ky, kx, params, with_envelope=False) ** 2).mean(axis=0)
+
+
+def _counterfactual_gains(k, signal, spectra, params, pixel_size_A):
+    """Relative gain in integrated spectral SNR, ``sum_k S CTF² / N`` over 1/200 Å^-1 to
+    Nyquist, with each cause at its ideal (twice the dose for ``dose``)."""
+    band = k > 1.0 / 200.0
+    s = signal * _mean_ctf2(k, params) * k  # shells hold Fourier pixels in proportion to k
+    total = sum(spectra.values())
+
+    def info(noise):
+        return float((s / np.maximum(noise, 1e-30))[band].sum())
+
+    base = info(total)
+    if base <= 0:
+        return {c: 0.0 for c in NOISE_CAUSES}
+    ideal = {c: total - spectra[c] for c in NOISE_CAUSES}
+    ideal["dose"] = total - 0.5 * spectra["dose"]
+    return {c: info(ideal[c]) / base - 1.0 for c in NOISE_CAUSES}

@@ -1,0 +1,53 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryodask.causal import NOISE_CAUSES, causal_graph, decompose_noise
+from cryodask.cli import main
+from cryodask.io.images import write_mrc
+from cryodask.simulate import Detector, MicrographParams, detector_state, simulate_micrograph
+
+DETECTOR = Detector(gain_std=0.03, n_dead_rows=1, n_dead_cols=1, n_stuck_pixels=10,
+                    read_noise_counts=1.0, seed=2)
+
+
+def test_graph_has_every_cause_pointing_at_the_spectrum():
+    graph = causal_graph()
+    for node in ("dose", "motion", "coherence", "aberrations", "ice", "sample", "detector", "artifacts"):
+        assert graph.has_edge(node, "spectrum")
+    assert {n for n, d in graph.nodes(data=True) if d["adds_noise"]} == set(NOISE_CAUSES)
+
+
+@pytest.mark.parametrize("dose, ice, hot, xrays", [(20, 150, 100, 5), (40, 500, 300, 20),
+                                                  (60, 1400, 400, 30), (30, 800, 0, 0)])
+def test_noise_shares_match_the_simulators_truth(dose, ice, hot, xrays):
+    state = detector_state(DETECTOR, (1024, 1024))
+    params = MicrographParams(shape=(1024, 1024), dose_e_per_A2=dose, ice_thickness_A=ice,
+                              n_hot_pixels=hot, n_xrays=xrays)
+    sim = simulate_micrograph(params, detector=state, seed=dose + ice)
+    found = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=state.defects,
+                            gain_estimate=state.gain)
+    truth = {c: sim.noise_variance[c] for c in NOISE_CAUSES}
+    total = sum(truth.values())
+    for cause in NOISE_CAUSES:
+        assert found.shares[cause] == pytest.approx(truth[cause] / total, abs=0.05), cause
+    assert sum(found.shares.values()) == pytest.approx(1.0)
+    if hot + xrays:
+        assert found.top_cause == "artifacts"
+    assert all(g >= 0 for g in found.gain.values())
+
+
+def test_cli_noise_writes_the_table(tmp_path):
+    state = detector_state(DETECTOR, (512, 512))
+    for i in range(4):
+        params = MicrographParams(shape=(512, 512), dose_e_per_A2=30 + 5 * i, n_hot_pixels=50, n_xrays=3)
+        write_mrc(tmp_path / f"n{i}.mrc", simulate_micrograph(params, detector=state, seed=i).image,
+                  pixel_size_A=1.0)
+    assert main(["noise", str(tmp_path / "n*.mrc"), "--out", str(tmp_path / "noise.csv")]) == 0
+    table = pd.read_csv(tmp_path / "noise.csv")
+    expected = (["micrograph"] + [f"share_{c}" for c in NOISE_CAUSES]
+                + [f"gain_{c}" for c in NOISE_CAUSES] + ["top_cause"])
+    assert list(table.columns) == expected
+    assert table["micrograph"].iloc[0] == str(tmp_path / "n0.mrc")
+    np.testing.assert_allclose(table[[f"share_{c}" for c in NOISE_CAUSES]].sum(axis=1), 1.0, atol=1e-4)
+    assert set(table["top_cause"]) <= {"ice", "detector", "artifacts"}
