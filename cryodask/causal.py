@@ -36,7 +36,7 @@ from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY, find_impulses, correct_p
 from cryodask.physics import CTFParams, ctf_2d, frequency_grid
 from cryodask.restore import fit_signal_noise
 
-__all__ = ["NOISE_CAUSES", "NoiseDecomposition", "causal_graph", "decompose_noise"]
+__all__ = ["NOISE_CAUSES", "NoiseDecomposition", "causal_graph", "decompose_noise", "ice_signal"]
 
 #: The causes that add noise, in the order of every table.
 NOISE_CAUSES = ("dose", "ice", "detector", "artifacts")
@@ -163,13 +163,30 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
                               counting=counting)
 
 
-def _ice_structure(k, signal, shape, pixel_size_A, params):
-    """The amorphous-ice structure, from its ring in the CTF-modulated signal.
+def ice_signal(k, signal):
+    """The amorphous-ice part of a CTF-modulated signal spectrum ``S(k)`` (before the CTF).
 
-    Fits ``signal = a + b k + c * ring(k)`` over 0.2-0.36 Å^-1 (where the pixel size shows
-    it); ``c`` scales the ice structure factor (:func:`cryodask.simulate.micrograph.
-    ice_power_spectrum`, the simulator's own physics), spread over all frequencies with the
-    CTF.
+    Fits ``signal = a + b k + c * ring(k)`` over 0.2-0.36 Å^-1, where the structure
+    factor of amorphous ice peaks (1/3.66 Å^-1) and the particles' power is smooth; returns
+    ``c`` times the structure factor's shape (:func:`cryodask.simulate.micrograph.
+    ice_power_spectrum`, the simulator's own physics) on ``k``; zeros where the band is
+    not sampled.
+    """
+    from cryodask.simulate.micrograph import ice_power_spectrum
+
+    band = (k > 0.2) & (k < 0.36)
+    if band.sum() < 5:
+        return np.zeros_like(k)
+    unit = ice_power_spectrum(k, 1.0)
+    ring = unit - ice_power_spectrum(np.full_like(k, 0.2), 1.0)
+    design = np.stack([np.ones(band.sum()), k[band], ring[band]], axis=1)
+    scale = max(float(np.linalg.lstsq(design, signal[band], rcond=None)[0][2]), 0.0)
+    return scale * unit
+
+
+def _ice_structure(k, signal, shape, pixel_size_A, params):
+    """The amorphous-ice structure (:func:`ice_signal`) spread over all frequencies with
+    the CTF.
 
     Returns
     -------
@@ -178,25 +195,16 @@ def _ice_structure(k, signal, shape, pixel_size_A, params):
     spectrum : (n,) array
         Its power per Fourier pixel on the shells ``k`` (CTF² averaged over azimuth).
     """
-    from cryodask.simulate.micrograph import ice_power_spectrum
-
-    zero = (0.0, np.zeros_like(k))
-    band = (k > 0.2) & (k < 0.36)
-    if band.sum() < 5:
-        return zero
-    unit = ice_power_spectrum(k, 1.0)  # per Å of ice: the structure factor's shape
-    ring = unit - ice_power_spectrum(np.full_like(k, 0.2), 1.0)
-    design = np.stack([np.ones(band.sum()), k[band], ring[band]], axis=1)
-    scale = max(float(np.linalg.lstsq(design, signal[band], rcond=None)[0][2]), 0.0)
-    if scale == 0.0:
-        return zero
+    ice = ice_signal(k, signal)
+    if not ice.any():
+        return 0.0, ice
     ky, kx = frequency_grid(shape, pixel_size_A, layout="rfft", dtype=np.float64)
     kk = np.sqrt(ky**2 + kx**2) + 0 * kx
     ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
     weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
-    per_pixel = scale * np.interp(kk, k, unit) * ctf2
+    per_pixel = np.interp(kk, k, ice) * ctf2
     variance = float((per_pixel * weight).sum() / (shape[0] * shape[1]))
-    return variance, scale * unit * _mean_ctf2(k, params)
+    return variance, ice * _mean_ctf2(k, params)
 
 
 def _mean_ctf2(k, params):

@@ -115,8 +115,8 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
 
 
 def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None, noise=None,
-                  k=None):
-    """Wiener estimate of the CTF-free image: ``F · CTF·S / (CTF²·S + N)``.
+                  k=None, separate_ice: bool = True):
+    """Wiener estimate of the CTF-free image: ``F · CTF·S_p / (CTF²·S + N)``.
 
     Parameters
     ----------
@@ -127,6 +127,10 @@ def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None,
     signal, noise, k : (n,) arrays, optional
         ``S(k)`` and ``N(k)`` on shells ``k`` (1/Å); by default fitted from the image
         itself (:func:`fit_signal_noise`).
+    separate_ice : bool
+        Count the amorphous-ice structure (measured from its ring, see
+        :mod:`cryodask.causal`) as noise: it passes the CTF like the particles but is not
+        what is restored. ``S_p = S - S_ice``.
 
     Returns
     -------
@@ -141,12 +145,18 @@ def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None,
     x = xp.astype(image, xp.float32)
     if signal is None or noise is None or k is None:
         k, signal, noise = fit_signal_noise(image, params, pixel_size_A=pixel_size_A)
+    particles = signal
+    if separate_ice:
+        from cryodask.causal import ice_signal
+
+        particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
     ky, kx, ctf = _ctf_grid(x.shape, pixel_size_A, params, xp)
     kk = to_numpy(xp.sqrt(ky * ky + kx * kx) + 0.0 * kx).astype(np.float64)
     s = xp.asarray(np.interp(kk, k, signal).astype(np.float32))
+    sp = xp.asarray(np.interp(kk, k, particles).astype(np.float32))
     n = xp.asarray(np.maximum(np.interp(kk, k, noise), 1e-30).astype(np.float32))
     f = fft.rfftn(x - xp.mean(x), axes=(0, 1))
-    gain = ctf * s / (ctf * ctf * s + n)
+    gain = ctf * sp / (ctf * ctf * s + n)
     return xp.astype(fft.irfftn(f * gain, s=x.shape, axes=(0, 1)), xp.float32)
 
 

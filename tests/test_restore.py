@@ -63,3 +63,24 @@ def test_cli_restore_writes_micrographs_and_star(tmp_path):
     np.testing.assert_allclose(0.5 * (star["rlnDefocusU"] + star["rlnDefocusV"]), [13750, 15750], rtol=0.01)
     assert main(["restore", str(tmp_path / "m*.mrc"), "--out-dir", str(tmp_path / "out"),
                  "--method", "phaseflip"]) == 2  # outputs exist: refused without --overwrite
+
+
+def test_restored_output_does_not_depend_on_chunking_or_workers(tmp_path):
+    import xarray as xr
+
+    from cryodask import ingest, pipeline
+    from cryodask.cluster import ClusterConfig, cluster_client
+
+    for i in range(3):
+        sim = simulate_micrograph(MicrographParams(shape=(384, 448), defocus_u_A=15000 + 1000 * i,
+                                                   defocus_v_A=14500 + 1000 * i), seed=i)
+        write_mrc(tmp_path / f"r{i}.mrc", sim.image, pixel_size_A=1.0)
+    ds = ingest(str(tmp_path / "r*.mrc"), tmp_path / "s.zarr")
+    ctf = pipeline.estimate_ctf_dataset(ds).compute()
+    reference = pipeline.restore_dataset(ds, ctf).compute(scheduler="sync")
+    rechunked = ds.chunk({"micrograph": 2})
+    two_per_task = pipeline.restore_dataset(rechunked, ctf).compute(scheduler="threads")
+    xr.testing.assert_equal(reference, two_per_task)
+    with cluster_client(ClusterConfig(kind="local", n_workers=2)):
+        distributed = pipeline.restore_dataset(ds, ctf).compute()
+    xr.testing.assert_equal(reference, distributed)
