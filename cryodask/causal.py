@@ -21,9 +21,13 @@ that add noise, from direct measurements where they exist and from the spectrum 
 The white level and the CTF-modulated signal come from regressing each shell's power on
 the CTF² of its Fourier pixels (:func:`cryodask.restore.fit_signal_noise`).
 
-Counterfactual gains compare the spectral signal-to-noise ratio integrated from 1/200 Å^-1
-to Nyquist, ``I = sum_k S(k) CTF²(k) / N(k)``, with a cause at its ideal: no artifacts, a
-perfect detector, no ice noise, or twice the dose (shot noise relative to signal halves).
+Counterfactual gains predict what restoration (which works on the cleaned image) would
+gain with a cause at its ideal. For dose (twice the dose: shot noise relative to the signal
+halves), ice (no ice noise) and the detector's white noise they compare the spectral
+signal-to-noise ratio integrated from 1/200 Å^-1 to Nyquist, ``I = sum_k S(k) CTF²(k) /
+N(k)``; impulses and defects cost the information of the pixels they cover, so no
+artifacts gains ``f / (1 - f)`` for the share ``f`` of pixels they took, and the detector
+gains its defects' share the same way on top.
 """
 
 from __future__ import annotations
@@ -36,10 +40,19 @@ from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY, find_impulses, correct_p
 from cryodask.physics import CTFParams, ctf_2d, frequency_grid
 from cryodask.restore import fit_signal_noise
 
-__all__ = ["NOISE_CAUSES", "NoiseDecomposition", "causal_graph", "decompose_noise", "ice_signal"]
+__all__ = [
+    "BANDS_A",
+    "NOISE_CAUSES",
+    "NoiseDecomposition",
+    "causal_graph",
+    "decompose_noise",
+    "ice_signal",
+]
 
 #: The causes that add noise, in the order of every table.
 NOISE_CAUSES = ("dose", "ice", "detector", "artifacts")
+#: Frequency bands of the per-band shares, as (low, high) resolution in Å (inf: Nyquist).
+BANDS_A = ((200.0, 20.0), (20.0, 8.0), (8.0, 0.0))
 
 _NODES = {
     "dose": ("shot noise (white, proportional to dose) and signal power (proportional to dose^2)", []),
@@ -79,6 +92,7 @@ class NoiseDecomposition:
     variance: dict = field(default_factory=dict)
     gain: dict = field(default_factory=dict)
     counting: bool = False
+    band_shares: dict = field(default_factory=dict)  # cause -> tuple, one share per band of BANDS_A
 
     @property
     def total(self) -> float:
@@ -158,9 +172,28 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     # Each cause's noise power per Fourier pixel on the shells (impulses are white).
     spectra = {"dose": np.full_like(k, shot), "detector": np.full_like(k, max(white - shot, 0.0)),
                "artifacts": np.full_like(k, variance["artifacts"]), "ice": ice_spectrum}
-    return NoiseDecomposition(variance={c: float(variance[c]) for c in NOISE_CAUSES},
-                              gain=_counterfactual_gains(k, signal, spectra, params, pixel_size_A),
-                              counting=counting)
+    # Restoration works on the cleaned image: impulses and defects cost the information of
+    # the pixels they cover, not their energy.
+    lost = {"artifacts": float(impulse.mean()), "detector": float((found.mask == DEFECT).mean())}
+    gains = _counterfactual_gains(k, signal, {**spectra, "artifacts": np.zeros_like(k)}, params)
+    kept = max(1.0 - lost["artifacts"] - lost["detector"], 1e-6)
+    gains["artifacts"] = lost["artifacts"] / kept
+    gains["detector"] = (1.0 + gains["detector"]) * (kept + lost["detector"]) / kept - 1.0
+    return NoiseDecomposition(variance={c: float(variance[c]) for c in NOISE_CAUSES}, gain=gains,
+                              counting=counting, band_shares=_band_shares(k, spectra))
+
+
+def _band_shares(k, spectra):
+    """Each cause's share of the noise power in each band of :data:`BANDS_A`."""
+    weight = k  # shells hold Fourier pixels in proportion to k
+    out = {c: [] for c in NOISE_CAUSES}
+    for low_A, high_A in BANDS_A:
+        band = (k >= 1.0 / low_A) & ((k < 1.0 / high_A) if high_A > 0 else np.ones_like(k, bool))
+        power = {c: float((spectra[c] * weight)[band].sum()) for c in NOISE_CAUSES}
+        total = sum(power.values())
+        for c in NOISE_CAUSES:
+            out[c].append(power[c] / total if total > 0 else float("nan"))
+    return {c: tuple(v) for c, v in out.items()}
 
 
 def ice_signal(k, signal):
@@ -214,7 +247,7 @@ def _mean_ctf2(k, params):
     return (ctf_2d(ky, kx, params, with_envelope=False) ** 2).mean(axis=0)
 
 
-def _counterfactual_gains(k, signal, spectra, params, pixel_size_A):
+def _counterfactual_gains(k, signal, spectra, params):
     """Relative gain in integrated spectral SNR, ``sum_k S CTF² / N`` over 1/200 Å^-1 to
     Nyquist, with each cause at its ideal (twice the dose for ``dose``)."""
     band = k > 1.0 / 200.0

@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="restore micrographs: CTF correction by Wiener filter or phase flip",
                        description="Clean each micrograph in memory, estimate its CTF, and write "
                                    "DIR/<name>.mrc: the CTF-corrected image (float32, same shape "
-                                   "and voxel size, protein bright) and DIR/micrographs_ctf.star.")
+                                   "and voxel size, protein bright) and DIR/micrographs_ctf.star. "
+                                   "Given a store, image_restored and the CTF are added to it.")
     p.add_argument("inputs", nargs="+", metavar="FILES_OR_STORE",
                    help="micrograph files / globs, or one cryodask store")
     p.add_argument("--out-dir", required=True, help="folder for the restored micrographs")
@@ -421,6 +422,12 @@ def cmd_restore(args) -> None:
         # The CTF is computed first (small); restoring then reads each micrograph once more.
         (ctf,) = progress.compute(ctf)
         restored = pipeline.restore_dataset(work, ctf, method=args.method)
+        if store is not None:
+            # Into the store first (one pass); the MRC files are then read back from it.
+            from cryodask.io.store import open_dataset, write_variables
+
+            write_variables(xr.merge([ctf, restored.to_dataset()]), store, overwrite=True)
+            restored = open_dataset(store)["image_restored"]
         out = ds[["micrograph_name", "pixel_size_A"]].assign(image_restored=restored)
         tasks = export_mrc(out, args.out_dir, variable="image_restored", dtype="float32",
                            overwrite=args.overwrite, compute=False)
@@ -434,7 +441,8 @@ def cmd_restore(args) -> None:
     if bad:
         print(f"warning: {bad} of {n} micrographs have no reliable CTF fit; check them before use",
               file=sys.stderr)
-    print(f"restored {n} micrographs ({args.method}) in {elapsed:.1f} s -> {args.out_dir}/")
+    print(f"restored {n} micrographs ({args.method}) in {elapsed:.1f} s -> {args.out_dir}/"
+          + (f" and {store} (image_restored)" if store else ""))
 
 
 def cmd_noise(args) -> None:
@@ -474,6 +482,12 @@ def cmd_noise(args) -> None:
     table.to_csv(tmp, index=False, float_format="%.6g")
     os.replace(tmp, args.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    bands = noise["band"].values
+    print("\nmean share of the noise power per frequency band:")
+    print(f"{'cause':<10} " + " ".join(f"{b:>16}" for b in bands))
+    for cause in NOISE_CAUSES:
+        values = np.nanmean(noise[f"band_share_{cause}"].values, axis=0)
+        print(f"{cause:<10} " + " ".join(f"{v:>16.3f}" for v in values))
     print(f"noise of {len(table)} micrographs in {elapsed:.1f} s -> {args.out} "
           "(share_*: of the noise variance; gain_*: integrated SNR gain with the cause at its ideal, "
           "dose = twice the dose)")

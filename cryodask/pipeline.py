@@ -262,7 +262,10 @@ def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, gain, defec
     from cryodask.causal import NOISE_CAUSES, decompose_noise
     from cryodask.physics import CTFParams
 
-    out = np.full((images.shape[0], 2 * len(NOISE_CAUSES)), np.nan, dtype=np.float64)
+    from cryodask.causal import BANDS_A
+
+    n_fields = (2 + len(BANDS_A)) * len(NOISE_CAUSES)
+    out = np.full((images.shape[0], n_fields), np.nan, dtype=np.float64)
     for i in range(images.shape[0]):
         if not np.isfinite(u[i]):
             continue
@@ -273,7 +276,8 @@ def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, gain, defec
         found = decompose_noise(images[i], params, pixel_size_A=float(pixel[i]),
                                 gain_estimate=gain if gain.ndim == 2 else None,
                                 defects=defects > 0 if defects.ndim == 2 else None)
-        out[i] = [found.variance[c] for c in NOISE_CAUSES] + [found.gain[c] for c in NOISE_CAUSES]
+        out[i] = ([found.variance[c] for c in NOISE_CAUSES] + [found.gain[c] for c in NOISE_CAUSES]
+                  + [v for c in NOISE_CAUSES for v in found.band_shares[c]])
     return out
 
 
@@ -283,10 +287,12 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     Returns
     -------
     xarray.Dataset
-        ``noise_var_<cause>``, ``share_<cause>`` and ``gain_<cause>`` per micrograph for
-        the causes of :data:`cryodask.causal.NOISE_CAUSES` (NaN where there is no CTF).
+        ``noise_var_<cause>``, ``share_<cause>`` and ``gain_<cause>`` per micrograph, and
+        ``band_share_<cause> (micrograph, band)`` over the bands of
+        :data:`cryodask.causal.BANDS_A`, for the causes of
+        :data:`cryodask.causal.NOISE_CAUSES` (NaN where there is no CTF).
     """
-    from cryodask.causal import NOISE_CAUSES
+    from cryodask.causal import BANDS_A, NOISE_CAUSES
 
     image = ds["image"]
     check_image_chunks(image)
@@ -304,7 +310,7 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         _noise_block, image, *scalars,
         input_core_dims=[["y", "x"]] + [[]] * len(scalars), output_core_dims=[["noise_field"]],
         dask="parallelized", output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"output_sizes": {"noise_field": 2 * len(NOISE_CAUSES)}},
+        dask_gufunc_kwargs={"output_sizes": {"noise_field": (2 + len(BANDS_A)) * len(NOISE_CAUSES)}},
         kwargs={"gain": gain, "defects": known}, keep_attrs=False)
     out = xr.Dataset()
     n = len(NOISE_CAUSES)
@@ -315,4 +321,10 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         out[f"share_{cause}"] = (var / total).astype(np.float32)
         out[f"gain_{cause}"] = result.isel(noise_field=n + i, drop=True).astype(np.float32).assign_attrs(
             meaning="relative gain in integrated spectral SNR with this cause at its ideal")
+        first = 2 * n + i * len(BANDS_A)
+        band = result.isel(noise_field=slice(first, first + len(BANDS_A))).rename(noise_field="band")
+        out[f"band_share_{cause}"] = band.astype(np.float32).assign_attrs(
+            bands_A=", ".join(f"{lo:g}-{hi:g}" if hi else f"{lo:g}-Nyquist" for lo, hi in BANDS_A))
+    out = out.assign_coords(band=("band", [f"{lo:g}-{hi:g} Å" if hi else f"{lo:g} Å-Nyquist"
+                                           for lo, hi in BANDS_A]))
     return out

@@ -84,3 +84,17 @@ def test_restored_output_does_not_depend_on_chunking_or_workers(tmp_path):
     with cluster_client(ClusterConfig(kind="local", n_workers=2)):
         distributed = pipeline.restore_dataset(ds, ctf).compute()
     xr.testing.assert_equal(reference, distributed)
+
+
+def test_cli_restore_on_a_store_adds_the_restored_images(tmp_path):
+    from cryodask import ingest, open_dataset
+
+    for i in range(2):
+        sim = simulate_micrograph(MicrographParams(shape=(512, 512)), seed=i)
+        write_mrc(tmp_path / f"s{i}.mrc", sim.image, pixel_size_A=1.0)
+    ingest(str(tmp_path / "s*.mrc"), tmp_path / "s.zarr")
+    assert main(["restore", str(tmp_path / "s.zarr"), "--out-dir", str(tmp_path / "out"),
+                 "--method", "phaseflip"]) == 0
+    ds = open_dataset(tmp_path / "s.zarr")
+    assert ds["image_restored"].attrs["method"] == "phaseflip"
+    np.testing.assert_array_equal(ds["image_restored"].values[1], mrcfile.read(tmp_path / "out" / "s1.mrc"))
