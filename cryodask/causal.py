@@ -46,6 +46,7 @@ __all__ = [
     "NoiseDecomposition",
     "causal_graph",
     "decompose_noise",
+    "fit_ice_scale",
     "ice_signal",
 ]
 
@@ -93,6 +94,7 @@ class NoiseDecomposition:
     gain: dict = field(default_factory=dict)
     counting: bool = False
     band_shares: dict = field(default_factory=dict)  # cause -> tuple, one share per band of BANDS_A
+    parameters: dict = field(default_factory=dict)  # node value -> (measured value, standard error)
 
     @property
     def total(self) -> float:
@@ -116,7 +118,7 @@ def _excess(image, reference, where):
 
 
 def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimate=None,
-                    defects=None) -> NoiseDecomposition:
+                    defects=None, fixed: dict | None = None) -> NoiseDecomposition:
     """Split one micrograph's noise variance among dose, ice, detector and artifacts.
 
     Parameters
@@ -131,10 +133,16 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
         part is detector noise, not ice.
     defects : (ny, nx) bool array, optional
         Known fixed defects.
+    fixed : dict, optional
+        Node values to use instead of measuring them: ``"white"`` (the white noise level,
+        image units² per pixel) and ``"ice_scale"`` (the amount of amorphous ice, see
+        :func:`fit_ice_scale`), e.g. from a dataset prior or a known detector.
 
     Returns
     -------
     NoiseDecomposition
+        With ``parameters``: the measured ``white`` and ``ice_scale`` as ``(value,
+        standard error)``.
     """
     from scipy import ndimage
 
@@ -148,8 +156,15 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     mean = float(clean.mean())
     k, signal, noise = fit_signal_noise(clean, params, pixel_size_A=pixel_size_A)
     nyquist = 0.5 / pixel_size_A
+    fixed = fixed or {}
+    unknown = sorted(set(fixed) - {"white", "ice_scale"})
+    if unknown:
+        raise ValueError(f"fixed: unknown node value(s) {unknown}; known: ['ice_scale', 'white']")
     high = (k > 0.55 * nyquist) & (k < 0.95 * nyquist)
-    white = float(np.median(noise[high]))
+    white_measured = float(np.median(noise[high]))
+    white_error = 1.2533 * float(np.std(noise[high])) / np.sqrt(max(int(high.sum()), 1))
+    white = float(fixed.get("white", white_measured))
+    ice_scale, ice_error = fit_ice_scale(k, signal)
     counting = found.counting
     shot = mean if counting else white
     variance["dose"] = shot
@@ -167,7 +182,8 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
     low = (kk > 0) & (kk < 1.0 / 200.0)
     background = float((weight * power)[low].sum()) - white * float(weight[low].sum()) / clean.size
-    ice_structure, ice_spectrum = _ice_structure(k, signal, clean.shape, pixel_size_A, params)
+    ice_structure, ice_spectrum = _ice_structure(k, signal, clean.shape, pixel_size_A, params,
+                                                 scale=fixed.get("ice_scale", ice_scale))
     variance["ice"] = max(background - smooth_gain, 0.0) + ice_structure
     # Each cause's noise power per Fourier pixel on the shells (impulses are white).
     spectra = {"dose": np.full_like(k, shot), "detector": np.full_like(k, max(white - shot, 0.0)),
@@ -180,7 +196,9 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     gains["artifacts"] = lost["artifacts"] / kept
     gains["detector"] = (1.0 + gains["detector"]) * (kept + lost["detector"]) / kept - 1.0
     return NoiseDecomposition(variance={c: float(variance[c]) for c in NOISE_CAUSES}, gain=gains,
-                              counting=counting, band_shares=_band_shares(k, spectra))
+                              counting=counting, band_shares=_band_shares(k, spectra),
+                              parameters={"white": (white_measured, white_error),
+                                          "ice_scale": (ice_scale, ice_error)})
 
 
 def _band_shares(k, spectra):
@@ -196,28 +214,46 @@ def _band_shares(k, spectra):
     return {c: tuple(v) for c, v in out.items()}
 
 
-def ice_signal(k, signal):
-    """The amorphous-ice part of a CTF-modulated signal spectrum ``S(k)`` (before the CTF).
+def fit_ice_scale(k, signal):
+    """The amount of amorphous ice in a CTF-modulated signal spectrum, with its error.
 
-    Fits ``signal = a + b k + c * ring(k)`` over 0.2-0.36 Å^-1, where the structure
-    factor of amorphous ice peaks (1/3.66 Å^-1) and the particles' power is smooth; returns
-    ``c`` times the structure factor's shape (:func:`cryodask.simulate.micrograph.
-    ice_power_spectrum`, the simulator's own physics) on ``k``; zeros where the band is
-    not sampled.
+    Fits ``signal = a + b k + c * ring(k)`` over 0.2-0.36 Å^-1, where the structure factor
+    of amorphous ice peaks (1/3.66 Å^-1) and the particles' power is smooth.
+
+    Returns
+    -------
+    scale, error : float
+        ``c`` (clipped at 0) and its standard error; NaN where the band is not sampled.
     """
     from cryodask.simulate.micrograph import ice_power_spectrum
 
     band = (k > 0.2) & (k < 0.36)
     if band.sum() < 5:
-        return np.zeros_like(k)
-    unit = ice_power_spectrum(k, 1.0)
-    ring = unit - ice_power_spectrum(np.full_like(k, 0.2), 1.0)
+        return float("nan"), float("nan")
+    ring = ice_power_spectrum(k, 1.0) - ice_power_spectrum(np.full_like(k, 0.2), 1.0)
     design = np.stack([np.ones(band.sum()), k[band], ring[band]], axis=1)
-    scale = max(float(np.linalg.lstsq(design, signal[band], rcond=None)[0][2]), 0.0)
-    return scale * unit
+    coef, residual, rank, _ = np.linalg.lstsq(design, signal[band], rcond=None)
+    dof = max(band.sum() - 3, 1)
+    rss = float(residual[0]) if residual.size else float(((design @ coef - signal[band]) ** 2).sum())
+    cov = rss / dof * np.linalg.pinv(design.T @ design)
+    return max(float(coef[2]), 0.0), float(np.sqrt(max(cov[2, 2], 0.0)))
 
 
-def _ice_structure(k, signal, shape, pixel_size_A, params):
+def ice_signal(k, signal, scale: float | None = None):
+    """The amorphous-ice part of a CTF-modulated signal spectrum ``S(k)`` (before the CTF):
+    ``scale`` (by default :func:`fit_ice_scale`) times the structure factor's shape
+    (:func:`cryodask.simulate.micrograph.ice_power_spectrum`, the simulator's own physics);
+    zeros where it cannot be measured."""
+    from cryodask.simulate.micrograph import ice_power_spectrum
+
+    if scale is None:
+        scale, _ = fit_ice_scale(k, signal)
+    if not np.isfinite(scale) or scale <= 0:
+        return np.zeros_like(k)
+    return scale * ice_power_spectrum(k, 1.0)
+
+
+def _ice_structure(k, signal, shape, pixel_size_A, params, scale=None):
     """The amorphous-ice structure (:func:`ice_signal`) spread over all frequencies with
     the CTF.
 
@@ -228,7 +264,7 @@ def _ice_structure(k, signal, shape, pixel_size_A, params):
     spectrum : (n,) array
         Its power per Fourier pixel on the shells ``k`` (CTF² averaged over azimuth).
     """
-    ice = ice_signal(k, signal)
+    ice = ice_signal(k, signal, scale)
     if not ice.any():
         return 0.0, ice
     ky, kx = frequency_grid(shape, pixel_size_A, layout="rfft", dtype=np.float64)

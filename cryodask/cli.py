@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="FILES_OR_STORE",
                    help="micrograph files / globs, or one cryodask store")
     p.add_argument("--out", default="noise.csv", help="CSV to write (default noise.csv)")
+    p.add_argument("--no-prior", action="store_true",
+                   help="judge each micrograph alone (default: dataset priors of the white noise "
+                        "level and the amount of ice, from 4 micrographs on)")
     _add_gain_options(p)
     _add_file_acquisition(p)
     _add_cluster(p)
@@ -462,8 +465,9 @@ def cmd_noise(args) -> None:
             found = measure_defects(ds, gain_reference=gain, defects=known)
         work = ds if gain is None else ds.assign(image=ds["image"] * gain)
         (ctf,) = progress.compute(estimate_ctf_cleaned(ds, gain_reference=gain, defects=known))
+        use_prior = not args.no_prior and ds.sizes["micrograph"] >= MIN_DATASET_MICROGRAPHS
         lazy = pipeline.noise_dataset(work, ctf, gain_estimate=None if found is None else found.gain,
-                                      defects=known if found is None else found.defects)
+                                      defects=known if found is None else found.defects, prior=use_prior)
         (noise,) = progress.compute(lazy)
         elapsed = time.perf_counter() - start
     rows = []
@@ -482,6 +486,12 @@ def cmd_noise(args) -> None:
     table.to_csv(tmp, index=False, float_format="%.6g")
     os.replace(tmp, args.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for name in ("white", "ice_scale"):
+        if f"prior_{name}" in noise:
+            a = noise[f"prior_{name}"].attrs
+            print(f"prior of {name}: centre {a['prior_mean']:.4g}, spread {a['prior_spread']:.3g}; "
+                  f"{a['iterations']} iterations, last move {a['drift_in_standard_errors']:.3g} "
+                  f"standard errors" + ("" if a["converged"] else " (NOT converged)"))
     bands = noise["band"].values
     print("\nmean share of the noise power per frequency band:")
     print(f"{'cause':<10} " + " ".join(f"{b:>16}" for b in bands))

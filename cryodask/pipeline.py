@@ -258,13 +258,11 @@ def restore_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, method: str = "wiener",
     return restored.rename("image_restored").assign_attrs(method=method, sign="protein positive")
 
 
-def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, gain, defects):
-    from cryodask.causal import NOISE_CAUSES, decompose_noise
+def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, white, ice_scale, gain, defects):
+    from cryodask.causal import BANDS_A, NOISE_CAUSES, decompose_noise
     from cryodask.physics import CTFParams
 
-    from cryodask.causal import BANDS_A
-
-    n_fields = (2 + len(BANDS_A)) * len(NOISE_CAUSES)
+    n_fields = (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4
     out = np.full((images.shape[0], n_fields), np.nan, dtype=np.float64)
     for i in range(images.shape[0]):
         if not np.isfinite(u[i]):
@@ -273,16 +271,54 @@ def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, gain, defec
                            defocus_angle_deg=float(angle[i]), voltage_kV=float(voltage[i]),
                            cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]),
                            phase_shift_deg=float(phase[i]))
+        fixed = {name: float(value[i]) for name, value in (("white", white), ("ice_scale", ice_scale))
+                 if np.isfinite(value[i])}
         found = decompose_noise(images[i], params, pixel_size_A=float(pixel[i]),
                                 gain_estimate=gain if gain.ndim == 2 else None,
-                                defects=defects > 0 if defects.ndim == 2 else None)
+                                defects=defects > 0 if defects.ndim == 2 else None, fixed=fixed)
         out[i] = ([found.variance[c] for c in NOISE_CAUSES] + [found.gain[c] for c in NOISE_CAUSES]
-                  + [v for c in NOISE_CAUSES for v in found.band_shares[c]])
+                  + [v for c in NOISE_CAUSES for v in found.band_shares[c]]
+                  + [*found.parameters["white"], *found.parameters["ice_scale"]])
     return out
 
 
-def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defects=None) -> xr.Dataset:
+def _noise_fields(ds, ctf, gain, known, white, ice_scale):
+    from cryodask.causal import BANDS_A, NOISE_CAUSES
+
+    image = ds["image"]
+    check_image_chunks(image)
+    chunks = image.chunks[0] if image.chunks is not None else None
+    names = [("defocus_u_A", ctf), ("defocus_v_A", ctf), ("defocus_angle_deg", ctf),
+             ("voltage_kV", ds), ("cs_mm", ds), ("amplitude_contrast", ds), ("phase_shift_deg", ctf),
+             ("pixel_size_A", ds)]
+    scalars = [source[name].astype(np.float64) for name, source in names]
+    scalars += [xr.DataArray(np.asarray(values, np.float64), dims=("micrograph",)) for values in (white, ice_scale)]
+    if chunks is not None:
+        scalars = [var.chunk({"micrograph": chunks}) for var in scalars]
+    n_fields = (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4
+    return xr.apply_ufunc(
+        _noise_block, image, *scalars,
+        input_core_dims=[["y", "x"]] + [[]] * len(scalars), output_core_dims=[["noise_field"]],
+        dask="parallelized", output_dtypes=[np.float64],
+        dask_gufunc_kwargs={"output_sizes": {"noise_field": n_fields}},
+        kwargs={"gain": gain, "defects": known}, keep_attrs=False)
+
+
+def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defects=None,
+                  prior: bool = False) -> xr.Dataset:
     """Each micrograph's noise variance per cause and counterfactual gains (lazy).
+
+    Parameters
+    ----------
+    ds, ctf : xarray.Dataset
+        The micrographs and their CTF variables.
+    gain_estimate, defects : (y, x) arrays, optional
+        From :func:`cryodask.clean.measure_defects`.
+    prior : bool
+        Fit dataset priors of the white noise level and the amount of ice
+        (:func:`cryodask.prior.fit_prior`, computing a first pass now) and decompose each
+        micrograph with its posterior values. The priors' centre, spread, iterations and
+        final drift are in the attributes of ``prior_white`` and ``prior_ice_scale``.
 
     Returns
     -------
@@ -292,28 +328,32 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         :data:`cryodask.causal.BANDS_A`, for the causes of
         :data:`cryodask.causal.NOISE_CAUSES` (NaN where there is no CTF).
     """
+    from cryodask import progress
     from cryodask.causal import BANDS_A, NOISE_CAUSES
+    from cryodask.prior import fit_prior
 
-    image = ds["image"]
-    check_image_chunks(image)
-    chunks = image.chunks[0] if image.chunks is not None else None
-    names = [("defocus_u_A", ctf), ("defocus_v_A", ctf), ("defocus_angle_deg", ctf),
-             ("voltage_kV", ds), ("cs_mm", ds), ("amplitude_contrast", ds), ("phase_shift_deg", ctf),
-             ("pixel_size_A", ds)]
-    scalars = []
-    for name, source in names:
-        var = source[name].astype(np.float64)
-        scalars.append(var.chunk({"micrograph": chunks}) if chunks is not None else var)
     gain = np.zeros(0) if gain_estimate is None else np.asarray(gain_estimate, np.float32)
     known = np.zeros(0) if defects is None else np.asarray(defects, np.uint8)
-    result = xr.apply_ufunc(
-        _noise_block, image, *scalars,
-        input_core_dims=[["y", "x"]] + [[]] * len(scalars), output_core_dims=[["noise_field"]],
-        dask="parallelized", output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"output_sizes": {"noise_field": (2 + len(BANDS_A)) * len(NOISE_CAUSES)}},
-        kwargs={"gain": gain, "defects": known}, keep_attrs=False)
-    out = xr.Dataset()
+    n_micrographs = ds.sizes["micrograph"]
+    unfixed = np.full(n_micrographs, np.nan)
+    result = _noise_fields(ds, ctf, gain, known, unfixed, unfixed)
     n = len(NOISE_CAUSES)
+    first_param = (2 + len(BANDS_A)) * n
+    priors = {}
+    if prior:
+        (measured,) = progress.compute(result.isel(noise_field=slice(first_param, first_param + 4)))
+        values = np.asarray(measured)
+        fixed = []
+        for j, name in enumerate(("white", "ice_scale")):
+            estimates, errors = values[:, 2 * j], values[:, 2 * j + 1]
+            if np.sum(np.isfinite(estimates) & (errors > 0)) >= 2:
+                fit = fit_prior(estimates, errors)
+                priors[name] = fit
+                fixed.append(fit.values)
+            else:
+                fixed.append(unfixed)
+        result = _noise_fields(ds, ctf, gain, known, *fixed)
+    out = xr.Dataset()
     total = result.isel(noise_field=slice(0, n)).sum("noise_field")
     for i, cause in enumerate(NOISE_CAUSES):
         var = result.isel(noise_field=i, drop=True)
@@ -323,8 +363,13 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
             meaning="relative gain in integrated spectral SNR with this cause at its ideal")
         first = 2 * n + i * len(BANDS_A)
         band = result.isel(noise_field=slice(first, first + len(BANDS_A))).rename(noise_field="band")
-        out[f"band_share_{cause}"] = band.astype(np.float32).assign_attrs(
-            bands_A=", ".join(f"{lo:g}-{hi:g}" if hi else f"{lo:g}-Nyquist" for lo, hi in BANDS_A))
-    out = out.assign_coords(band=("band", [f"{lo:g}-{hi:g} Å" if hi else f"{lo:g} Å-Nyquist"
+        out[f"band_share_{cause}"] = band.astype(np.float32)
+    for j, name in enumerate(("white", "ice_scale")):
+        out[f"measured_{name}"] = result.isel(noise_field=first_param + 2 * j, drop=True).astype(np.float32)
+        fit = priors.get(name)
+        if fit is not None:
+            out[f"prior_{name}"] = xr.DataArray(fit.values.astype(np.float32), dims=("micrograph",)).assign_attrs(
+                prior_mean=fit.mean, prior_spread=fit.spread, iterations=fit.iterations,
+                drift_in_standard_errors=fit.drift, converged=int(fit.converged))
+    return out.assign_coords(band=("band", [f"{lo:g}-{hi:g} Å" if hi else f"{lo:g} Å-Nyquist"
                                            for lo, hi in BANDS_A]))
-    return out

@@ -75,3 +75,34 @@ def test_band_shares_sum_to_one_and_ice_sits_at_high_frequency():
         assert sum(found.band_shares[c][band] for c in NOISE_CAUSES) == pytest.approx(1.0)
     # The amorphous-ice ring (3.66 Å) puts the ice's structural noise in the last band.
     assert found.band_shares["ice"][2] > found.band_shares["ice"][0]
+
+
+def test_fixed_node_values_are_used():
+    params = MicrographParams(shape=(512, 512), dose_e_per_A2=30, ice_thickness_A=800)
+    sim = simulate_micrograph(params, seed=2)
+    free = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0)
+    white, white_error = free.parameters["white"]
+    assert white_error > 0
+    louder = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, fixed={"white": 2 * white})
+    assert louder.variance["detector"] > free.variance["detector"] + 0.5 * white
+    no_ice = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, fixed={"ice_scale": 0.0})
+    assert no_ice.variance["ice"] <= free.variance["ice"]
+    with pytest.raises(ValueError, match="unknown node value"):
+        decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, fixed={"motion": 1.0})
+
+
+def test_noise_dataset_with_priors(tmp_path):
+    from cryodask import ingest, pipeline
+
+    state = detector_state(DETECTOR, (384, 384))
+    for i in range(5):
+        params = MicrographParams(shape=(384, 384), dose_e_per_A2=30, ice_thickness_A=300 + 200 * i)
+        write_mrc(tmp_path / f"p{i}.mrc", simulate_micrograph(params, detector=state, seed=i).image,
+                  pixel_size_A=1.0)
+    ds = ingest(str(tmp_path / "p*.mrc"), tmp_path / "s.zarr")
+    ctf = pipeline.estimate_ctf_dataset(ds).compute()
+    noise = pipeline.noise_dataset(ds, ctf, prior=True).compute()
+    attrs = noise["prior_white"].attrs
+    assert attrs["converged"] == 1 and attrs["iterations"] < 200
+    np.testing.assert_allclose(sum(noise[f"share_{c}"] for c in NOISE_CAUSES), 1.0, atol=1e-5)
+    assert noise["band_share_ice"].dims == ("micrograph", "band")
