@@ -188,6 +188,13 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     # Each cause's noise power per Fourier pixel on the shells (impulses are white).
     spectra = {"dose": np.full_like(k, shot), "detector": np.full_like(k, max(white - shot, 0.0)),
                "artifacts": np.full_like(k, variance["artifacts"]), "ice": ice_spectrum}
+    if gain_estimate is not None:
+        # The smooth gain pattern is low-frequency detector noise; below the first Thon ring
+        # the spectral fit took it for signal, so it moves from there to the noise.
+        pattern = (ndimage.gaussian_filter(g, 8.0) - 1.0) * mean
+        gain_power = _shell_power(pattern, k, pixel_size_A)
+        spectra["detector"] = spectra["detector"] + gain_power
+        signal = np.clip(signal - gain_power / np.maximum(_mean_ctf2(k, params), 0.05), 0.0, None)
     # Restoration works on the cleaned image: impulses and defects cost the information of
     # the pixels they cover, not their energy.
     lost = {"artifacts": float(impulse.mean()), "detector": float((found.mask == DEFECT).mean())}
@@ -199,6 +206,18 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
                               counting=counting, band_shares=_band_shares(k, spectra),
                               parameters={"white": (white_measured, white_error),
                                           "ice_scale": (ice_scale, ice_error)})
+
+
+def _shell_power(pattern, k, pixel_size_A):
+    """A pattern's power per Fourier pixel (variance units), averaged on the shells ``k``."""
+    f = np.fft.rfft2(pattern - pattern.mean())
+    power = (f.real**2 + f.imag**2) / pattern.size
+    ky, kx = frequency_grid(pattern.shape, pixel_size_A, layout="rfft", dtype=np.float64)
+    kk = (np.sqrt(ky**2 + kx**2) + 0 * kx).ravel()
+    step = k[1] - k[0] if k.size > 1 else 0.5 / pixel_size_A
+    index = np.clip(np.round((kk - k[0]) / step).astype(int), 0, k.size - 1)
+    counts = np.bincount(index, minlength=k.size)
+    return np.bincount(index, power.ravel(), k.size) / np.maximum(counts, 1)
 
 
 def _band_shares(k, spectra):
