@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     dataset = estimate_defects(sums, args.count, mean_counts=float(np.mean(medians)), fano=float(np.mean(fanos)))
     for i, (params, seed, sim) in enumerate(drawn):
         found = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=dataset.defects,
-                                gain_estimate=dataset.gain)
+                                gain_estimate=dataset.gain, dose_e_per_A2=params.dose_e_per_A2)
         truth = {c: sim.noise_variance[c] for c in NOISE_CAUSES}
         total = sum(truth.values())
         # The defect map is what the dataset pass finds (all of them, bench_artifacts shows).

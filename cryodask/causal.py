@@ -22,12 +22,10 @@ The white level and the CTF-modulated signal come from regressing each shell's p
 the CTF² of its Fourier pixels (:func:`cryodask.restore.fit_signal_noise`).
 
 Counterfactual gains predict what restoration (which works on the cleaned image) would
-gain with a cause at its ideal. For dose (twice the dose: shot noise relative to the signal
-halves), ice (no ice noise) and the detector's white noise they compare the spectral
-signal-to-noise ratio integrated from 1/200 Å^-1 to Nyquist, ``I = sum_k S(k) CTF²(k) /
-N(k)``; impulses and defects cost the information of the pixels they cover, so no
-artifacts gains ``f / (1 - f)`` for the share ``f`` of pixels they took, and the detector
-gains its defects' share the same way on top.
+gain in quality -- the correlation a Wiener restoration is expected to reach with the
+CTF-free truth -- with a cause at its ideal: twice the dose, no ice (its noise, and the
+electrons it stopped), a perfect detector, no artifacts. Impulses and defects cost the
+signal of the pixels they cover.
 """
 
 from __future__ import annotations
@@ -118,7 +116,8 @@ def _excess(image, reference, where):
 
 
 def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimate=None,
-                    defects=None, fixed: dict | None = None) -> NoiseDecomposition:
+                    defects=None, fixed: dict | None = None,
+                    dose_e_per_A2: float | None = None) -> NoiseDecomposition:
     """Split one micrograph's noise variance among dose, ice, detector and artifacts.
 
     Parameters
@@ -137,6 +136,10 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
         Node values to use instead of measuring them: ``"white"`` (the white noise level,
         image units² per pixel) and ``"ice_scale"`` (the amount of amorphous ice, see
         :func:`fit_ice_scale`), e.g. from a dataset prior or a known detector.
+    dose_e_per_A2 : float, optional
+        The exposure's dose (metadata). With counting data it gives the ice's attenuation
+        ``a`` (mean counts over electrons per pixel): thin ice would let ``1/a`` times the
+        electrons through, which the ice's counterfactual gain includes.
 
     Returns
     -------
@@ -198,14 +201,31 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     # Restoration works on the cleaned image: impulses and defects cost the information of
     # the pixels they cover, not their energy.
     lost = {"artifacts": float(impulse.mean()), "detector": float((found.mask == DEFECT).mean())}
-    gains = _counterfactual_gains(k, signal, {**spectra, "artifacts": np.zeros_like(k)}, params)
+    attenuation = 1.0
+    if counting and dose_e_per_A2 is not None and np.isfinite(dose_e_per_A2) and dose_e_per_A2 > 0:
+        attenuation = float(np.clip(mean / (dose_e_per_A2 * pixel_size_A**2), 0.05, 1.0))
+    gains = _counterfactual_gains(k, signal, {**spectra, "artifacts": np.zeros_like(k)}, params,
+                                  attenuation=attenuation)
+    # A covered pixel carries no signal: quality scales with the square root of what is kept.
     kept = max(1.0 - lost["artifacts"] - lost["detector"], 1e-6)
-    gains["artifacts"] = lost["artifacts"] / kept
-    gains["detector"] = (1.0 + gains["detector"]) * (kept + lost["detector"]) / kept - 1.0
+    quality = _counterfactual_quality(k, signal, {**spectra, "artifacts": np.zeros_like(k)}, params)
+    gains["artifacts"] = quality * (np.sqrt((kept + lost["artifacts"]) / kept) - 1.0)
+    gains["detector"] += quality * (np.sqrt((kept + lost["detector"]) / kept) - 1.0)
     return NoiseDecomposition(variance={c: float(variance[c]) for c in NOISE_CAUSES}, gain=gains,
                               counting=counting, band_shares=_band_shares(k, spectra),
                               parameters={"white": (white_measured, white_error),
                                           "ice_scale": (ice_scale, ice_error)})
+
+
+def _counterfactual_quality(k, signal, spectra, params):
+    """The restoration quality ``q`` of :func:`_counterfactual_gains` as things are."""
+    band = k > 1.0 / 200.0
+    particles = np.clip(signal - ice_signal(k, signal), 0.0, None)[band]
+    c2 = _mean_ctf2(k, params)[band]
+    w = k[band]
+    h = c2 * particles / (c2 * particles + np.maximum(sum(spectra.values())[band], 1e-30))
+    denominator = float((w * particles).sum())
+    return float(np.sqrt((w * particles * h).sum() / denominator)) if denominator > 0 else 0.0
 
 
 def _shell_power(pattern, k, pixel_size_A):
@@ -302,9 +322,145 @@ def _mean_ctf2(k, params):
     return (ctf_2d(ky, kx, params, with_envelope=False) ** 2).mean(axis=0)
 
 
-def _counterfactual_gains(k, signal, spectra, params):
+def _counterfactual_gains(k, signal, spectra, params, attenuation=1.0):
+    """Predicted gain in restoration quality with each cause at its ideal.
+
+    The quality is the correlation a Wiener restoration is expected to reach with the
+    CTF-free truth: ``q(N) = sqrt(sum_k S h / sum_k S)`` with ``h = CTF² S / (CTF² S + N)``
+    over 1/200 Å^-1 to Nyquist (shells weighted by their pixel counts, ``S`` the particles'
+    power: the ice's own structure left out). A cause's gain is ``q`` without its noise
+    minus ``q`` with it; twice the dose for ``dose``; for ``ice`` also the electrons its
+    attenuation ``a`` stopped (relative to the signal, shot noise then scales by ``a``).
+    """
+    band = k > 1.0 / 200.0
+    particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
+    ctf2 = _mean_ctf2(k, params)
+    weight = k  # shells hold Fourier pixels in proportion to k
+    total = sum(spectra.values())
+
+    def quality(noise):
+        s, c2, w = particles[band], ctf2[band], weight[band]
+        h = c2 * s / (c2 * s + np.maximum(noise[band], 1e-30))
+        denominator = float((w * s).sum())
+        return float(np.sqrt((w * s * h).sum() / denominator)) if denominator > 0 else 0.0
+
+    base = quality(total)
+    ideal = {c: total - spectra[c] for c in NOISE_CAUSES}
+    ideal["dose"] = total - 0.5 * spectra["dose"]
+    ideal["ice"] = ideal["ice"] - (1.0 - attenuation) * spectra["dose"]
+    return {c: quality(ideal[c]) - base for c in NOISE_CAUSES}
+
+
+def _counterfactual_quality(k, signal, spectra, params):
+    """The restoration quality ``q`` of :func:`_counterfactual_gains` as things are."""
+    band = k > 1.0 / 200.0
+    particles = np.clip(signal - ice_signal(k, signal), 0.0, None)[band]
+    c2 = _mean_ctf2(k, params)[band]
+    w = k[band]
+    h = c2 * particles / (c2 * particles + np.maximum(sum(spectra.values())[band], 1e-30))
+    denominator = float((w * particles).sum())
+    return float(np.sqrt((w * particles * h).sum() / denominator)) if denominator > 0 else 0.0
+
+
+def _shell_power(pattern, k, pixel_size_A):
+    """A pattern's power per Fourier pixel (variance units), averaged on the shells ``k``."""
+    f = np.fft.rfft2(pattern - pattern.mean())
+    power = (f.real**2 + f.imag**2) / pattern.size
+    ky, kx = frequency_grid(pattern.shape, pixel_size_A, layout="rfft", dtype=np.float64)
+    kk = (np.sqrt(ky**2 + kx**2) + 0 * kx).ravel()
+    step = k[1] - k[0] if k.size > 1 else 0.5 / pixel_size_A
+    index = np.clip(np.round((kk - k[0]) / step).astype(int), 0, k.size - 1)
+    counts = np.bincount(index, minlength=k.size)
+    return np.bincount(index, power.ravel(), k.size) / np.maximum(counts, 1)
+
+
+def _band_shares(k, spectra):
+    """Each cause's share of the noise power in each band of :data:`BANDS_A`."""
+    weight = k  # shells hold Fourier pixels in proportion to k
+    out = {c: [] for c in NOISE_CAUSES}
+    for low_A, high_A in BANDS_A:
+        band = (k >= 1.0 / low_A) & ((k < 1.0 / high_A) if high_A > 0 else np.ones_like(k, bool))
+        power = {c: float((spectra[c] * weight)[band].sum()) for c in NOISE_CAUSES}
+        total = sum(power.values())
+        for c in NOISE_CAUSES:
+            out[c].append(power[c] / total if total > 0 else float("nan"))
+    return {c: tuple(v) for c, v in out.items()}
+
+
+def fit_ice_scale(k, signal):
+    """The amount of amorphous ice in a CTF-modulated signal spectrum, with its error.
+
+    Fits ``signal = a + b k + c * ring(k)`` over 0.2-0.36 Å^-1, where the structure factor
+    of amorphous ice peaks (1/3.66 Å^-1) and the particles' power is smooth.
+
+    Returns
+    -------
+    scale, error : float
+        ``c`` (clipped at 0) and its standard error; NaN where the band is not sampled.
+    """
+    from cryodask.simulate.micrograph import ice_power_spectrum
+
+    band = (k > 0.2) & (k < 0.36)
+    if band.sum() < 5:
+        return float("nan"), float("nan")
+    ring = ice_power_spectrum(k, 1.0) - ice_power_spectrum(np.full_like(k, 0.2), 1.0)
+    design = np.stack([np.ones(band.sum()), k[band], ring[band]], axis=1)
+    coef, residual, rank, _ = np.linalg.lstsq(design, signal[band], rcond=None)
+    dof = max(band.sum() - 3, 1)
+    rss = float(residual[0]) if residual.size else float(((design @ coef - signal[band]) ** 2).sum())
+    cov = rss / dof * np.linalg.pinv(design.T @ design)
+    return max(float(coef[2]), 0.0), float(np.sqrt(max(cov[2, 2], 0.0)))
+
+
+def ice_signal(k, signal, scale: float | None = None):
+    """The amorphous-ice part of a CTF-modulated signal spectrum ``S(k)`` (before the CTF):
+    ``scale`` (by default :func:`fit_ice_scale`) times the structure factor's shape
+    (:func:`cryodask.simulate.micrograph.ice_power_spectrum`, the simulator's own physics);
+    zeros where it cannot be measured."""
+    from cryodask.simulate.micrograph import ice_power_spectrum
+
+    if scale is None:
+        scale, _ = fit_ice_scale(k, signal)
+    if not np.isfinite(scale) or scale <= 0:
+        return np.zeros_like(k)
+    return scale * ice_power_spectrum(k, 1.0)
+
+
+def _ice_structure(k, signal, shape, pixel_size_A, params, scale=None):
+    """The amorphous-ice structure (:func:`ice_signal`) spread over all frequencies with
+    the CTF.
+
+    Returns
+    -------
+    variance : float
+        Its variance in the image.
+    spectrum : (n,) array
+        Its power per Fourier pixel on the shells ``k`` (CTF² averaged over azimuth).
+    """
+    ice = ice_signal(k, signal, scale)
+    if not ice.any():
+        return 0.0, ice
+    ky, kx = frequency_grid(shape, pixel_size_A, layout="rfft", dtype=np.float64)
+    kk = np.sqrt(ky**2 + kx**2) + 0 * kx
+    ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
+    weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
+    per_pixel = np.interp(kk, k, ice) * ctf2
+    variance = float((per_pixel * weight).sum() / (shape[0] * shape[1]))
+    return variance, ice * _mean_ctf2(k, params)
+
+
+def _mean_ctf2(k, params):
+    """CTF² on shells ``k``, averaged over azimuth (astigmatism included)."""
+    alpha = np.linspace(0.0, np.pi, 16, endpoint=False)[:, None]
+    ky, kx = k[None, :] * np.sin(alpha), k[None, :] * np.cos(alpha)
+    return (ctf_2d(ky, kx, params, with_envelope=False) ** 2).mean(axis=0)
+
+
+def _counterfactual_gains(k, signal, spectra, params, attenuation=1.0):
     """Relative gain in integrated spectral SNR, ``sum_k S CTF² / N`` over 1/200 Å^-1 to
-    Nyquist, with each cause at its ideal (twice the dose for ``dose``)."""
+    Nyquist, with each cause at its ideal (twice the dose for ``dose``; for ``ice`` also
+    the electrons its attenuation ``a`` stopped: relative to the signal, shot noise then
+    scales by ``a``)."""
     band = k > 1.0 / 200.0
     s = signal * _mean_ctf2(k, params) * k  # shells hold Fourier pixels in proportion to k
     total = sum(spectra.values())
@@ -317,4 +473,5 @@ def _counterfactual_gains(k, signal, spectra, params):
         return {c: 0.0 for c in NOISE_CAUSES}
     ideal = {c: total - spectra[c] for c in NOISE_CAUSES}
     ideal["dose"] = total - 0.5 * spectra["dose"]
+    ideal["ice"] = ideal["ice"] - (1.0 - attenuation) * spectra["dose"]
     return {c: info(ideal[c]) / base - 1.0 for c in NOISE_CAUSES}

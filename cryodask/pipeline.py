@@ -258,7 +258,7 @@ def restore_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, method: str = "wiener",
     return restored.rename("image_restored").assign_attrs(method=method, sign="protein positive")
 
 
-def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, white, ice_scale, gain, defects):
+def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, dose, white, ice_scale, gain, defects):
     from cryodask.causal import BANDS_A, NOISE_CAUSES, decompose_noise
     from cryodask.physics import CTFParams
 
@@ -275,7 +275,8 @@ def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, white, ice_
                  if np.isfinite(value[i])}
         found = decompose_noise(images[i], params, pixel_size_A=float(pixel[i]),
                                 gain_estimate=gain if gain.ndim == 2 else None,
-                                defects=defects > 0 if defects.ndim == 2 else None, fixed=fixed)
+                                defects=defects > 0 if defects.ndim == 2 else None, fixed=fixed,
+                                dose_e_per_A2=float(dose[i]))
         out[i] = ([found.variance[c] for c in NOISE_CAUSES] + [found.gain[c] for c in NOISE_CAUSES]
                   + [v for c in NOISE_CAUSES for v in found.band_shares[c]]
                   + [*found.parameters["white"], *found.parameters["ice_scale"]])
@@ -292,6 +293,8 @@ def _noise_fields(ds, ctf, gain, known, white, ice_scale):
              ("voltage_kV", ds), ("cs_mm", ds), ("amplitude_contrast", ds), ("phase_shift_deg", ctf),
              ("pixel_size_A", ds)]
     scalars = [source[name].astype(np.float64) for name, source in names]
+    dose = ds["dose_e_per_A2"] if "dose_e_per_A2" in ds else xr.full_like(ds["pixel_size_A"], np.nan)
+    scalars.append(dose.astype(np.float64))
     scalars += [xr.DataArray(np.asarray(values, np.float64), dims=("micrograph",)) for values in (white, ice_scale)]
     if chunks is not None:
         scalars = [var.chunk({"micrograph": chunks}) for var in scalars]
