@@ -499,7 +499,7 @@ def cmd_noise(args) -> None:
         values = np.nanmean(noise[f"band_share_{cause}"].values, axis=0)
         print(f"{cause:<10} " + " ".join(f"{v:>16.3f}" for v in values))
     print(f"noise of {len(table)} micrographs in {elapsed:.1f} s -> {args.out} "
-          "(share_*: of the noise variance; gain_*: integrated SNR gain with the cause at its ideal, "
+          "(share_*: of the noise variance; gain_*: predicted change in restoration quality with the cause at its ideal, "
           "dose = twice the dose)")
 
 

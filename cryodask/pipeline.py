@@ -363,7 +363,7 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         out[f"noise_var_{cause}"] = var.astype(np.float32).assign_attrs(units="image units^2")
         out[f"share_{cause}"] = (var / total).astype(np.float32)
         out[f"gain_{cause}"] = result.isel(noise_field=n + i, drop=True).astype(np.float32).assign_attrs(
-            meaning="relative gain in integrated spectral SNR with this cause at its ideal")
+            meaning="predicted change in Wiener restoration quality with this cause at its ideal")
         first = 2 * n + i * len(BANDS_A)
         band = result.isel(noise_field=slice(first, first + len(BANDS_A))).rename(noise_field="band")
         out[f"band_share_{cause}"] = band.astype(np.float32)
