@@ -22,6 +22,7 @@ import warnings
 
 import numpy as np
 
+from benchmarks.common import correlation
 from cryodask.artifacts import clean_micrograph, find_impulses
 from cryodask.causal import NOISE_CAUSES, decompose_noise
 from cryodask.ctf import estimate_ctf
@@ -43,8 +44,7 @@ def _restored_quality(image, truth, defects):
         return float("nan")
     out = wiener_filter(cleaned, CTFParams(fit.defocus_u_A, fit.defocus_v_A, fit.defocus_angle_deg),
                         pixel_size_A=1.0)
-    a, b = out - out.mean(), truth - truth.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+    return correlation(out, truth)
 
 
 def main(argv=None) -> int:

@@ -28,17 +28,12 @@ import warnings
 
 import numpy as np
 
+from benchmarks.common import correlation
 from cryodask.artifacts import clean_micrograph
 from cryodask.ctf import estimate_ctf
 from cryodask.physics import CTFParams, ctf_2d, frequency_grid
 from cryodask.restore import phase_flip, wiener_filter
 from cryodask.simulate import MicrographParams, simulate_micrograph
-
-
-def corr(a, b):
-    a = a - a.mean()
-    b = b - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
 def frc_resolution(a, b, pixel_size_A, threshold=0.143, n_shells=128):
@@ -90,7 +85,7 @@ def linear_limit(image, truth, params, pixel_size_A, n_shells=256):
     scale = shell_mean((f * np.conj(ctf * p)).real) / np.maximum(shell_mean(np.abs(ctf * p) ** 2), 1e-30)
     signal = shell_mean(np.abs(scale * p) ** 2)
     noise = shell_mean(np.abs(f - scale * ctf * p) ** 2)
-    return np.fft.irfft2(f * ctf * signal / (ctf * ctf * signal + noise), s=image.shape)
+    return np.fft.irfft2(f * ctf * signal / (ctf * ctf * signal + noise + 1e-30), s=image.shape)
 
 
 def main(argv=None) -> int:
@@ -128,7 +123,7 @@ def main(argv=None) -> int:
             }
             for name, out in outputs.items():
                 rows.append({"dose": dose, "micrograph": i, "method": name,
-                             "correlation": corr(out, sim.projection),
+                             "correlation": correlation(out, sim.projection),
                              "frc_resolution_A": frc_resolution(out, sim.projection, 1.0)})
     print(f"{'method':<26} " + " ".join(f"{'corr @' + str(d):>10}" for d in (20, 40, 60)) + "   FRC res (Å, median)")
     for name in methods:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["best_of"]
+__all__ = ["best_of", "correlation"]
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -19,3 +19,12 @@ def best_of(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def correlation(a, b) -> float:
+    """Pearson correlation of two images (means removed)."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64) - np.mean(a)
+    b = np.asarray(b, dtype=np.float64) - np.mean(b)
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))

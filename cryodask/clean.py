@@ -25,7 +25,13 @@ from cryodask.ctf import CTFSearch
 from cryodask.pipeline import check_image_chunks, estimate_ctf_dataset, regions_dataset
 from cryodask.regions import CONTAMINATION, VACUUM
 
-__all__ = ["MIN_DATASET_MICROGRAPHS", "clean_dataset", "estimate_ctf_cleaned", "measure_defects"]
+__all__ = [
+    "MIN_DATASET_MICROGRAPHS",
+    "clean_dataset",
+    "clean_for_fitting",
+    "estimate_ctf_cleaned",
+    "measure_defects",
+]
 
 #: Fewer micrographs than this give no dataset defect map or gain estimate.
 MIN_DATASET_MICROGRAPHS = 4
@@ -174,11 +180,27 @@ def estimate_ctf_cleaned(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), gai
         ``n_hot_pixels``, ``n_xray_pixels``, ``n_defect_pixels`` and
         ``region_fraction_<kind>`` per micrograph.
     """
+    work, exclude, extra = clean_for_fitting(ds, gain_reference=gain_reference, defects=defects)
+    return xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude), extra])
+
+
+def clean_for_fitting(ds: xr.Dataset, *, gain_reference=None, defects=None):
+    """The micrographs as the fitting steps see them (lazy): cleaned, with their exclusion.
+
+    Returns
+    -------
+    work : xarray.Dataset
+        ``ds`` with ``image`` replaced by the cleaned images (:func:`clean_dataset`).
+    exclude : DataArray (micrograph, y, x) bool
+        Vacuum and contamination (:func:`cryodask.pipeline.regions_dataset`).
+    extra : xarray.Dataset
+        ``n_hot_pixels``, ``n_xray_pixels``, ``n_defect_pixels`` and
+        ``region_fraction_<kind>`` per micrograph.
+    """
     cleaned = clean_dataset(ds, gain_reference=gain_reference, defects=defects)
     work = ds.assign(image=cleaned["image_clean"])
     regions = regions_dataset(work)
     exclude = regions["region_mask"].isin([VACUUM, CONTAMINATION])
-    fit = estimate_ctf_dataset(work, search=search, exclude=exclude)
     counts = cleaned[["n_hot_pixels", "n_xray_pixels", "n_defect_pixels"]]
     fractions = regions[[name for name in regions.data_vars if name.startswith("region_fraction_")]]
-    return xr.merge([fit, counts, fractions])
+    return work, exclude, xr.merge([counts, fractions])

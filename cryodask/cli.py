@@ -413,15 +413,11 @@ def cmd_restore(args) -> None:
         if args.no_clean:
             work, ctf = ds, pipeline.estimate_ctf_dataset(ds)
         else:
-            from cryodask.clean import clean_dataset
-            from cryodask.regions import CONTAMINATION, VACUUM
+            from cryodask.clean import clean_for_fitting
 
             gain, known = _gain_and_defects(args, (ds.sizes["y"], ds.sizes["x"]))
-            cleaned = clean_dataset(ds, gain_reference=gain, defects=known)
-            work = ds.assign(image=cleaned["image_clean"])
-            regions = pipeline.regions_dataset(work)
-            ctf = pipeline.estimate_ctf_dataset(
-                work, exclude=regions["region_mask"].isin([VACUUM, CONTAMINATION]))
+            work, exclude, _ = clean_for_fitting(ds, gain_reference=gain, defects=known)
+            ctf = pipeline.estimate_ctf_dataset(work, exclude=exclude)
         # The CTF is computed first (small); restoring then reads each micrograph once more.
         (ctf,) = progress.compute(ctf)
         restored = pipeline.restore_dataset(work, ctf, method=args.method)
