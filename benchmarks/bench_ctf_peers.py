@@ -75,8 +75,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         truth = write_simulated_dataset(tmp, params, seed=args.seed)
         out = os.path.join(tmp, "aspire.json")
+        # ASPIRE writes logs into its working directory: give it the temporary one.
         subprocess.run([python, "-c", _ASPIRE_RUNNER, tmp, out, "1.0"], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, cwd=tmp)
         aspire = json.load(open(out))
         ours, ours_seconds = [], 0.0
         for path in truth["micrograph"]:
