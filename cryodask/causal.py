@@ -208,24 +208,13 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
                                   attenuation=attenuation)
     # A covered pixel carries no signal: quality scales with the square root of what is kept.
     kept = max(1.0 - lost["artifacts"] - lost["detector"], 1e-6)
-    quality = _counterfactual_quality(k, signal, {**spectra, "artifacts": np.zeros_like(k)}, params)
+    quality = _quality_model(k, signal, params)(sum(spectra.values()) - spectra["artifacts"])
     gains["artifacts"] = quality * (np.sqrt((kept + lost["artifacts"]) / kept) - 1.0)
     gains["detector"] += quality * (np.sqrt((kept + lost["detector"]) / kept) - 1.0)
     return NoiseDecomposition(variance={c: float(variance[c]) for c in NOISE_CAUSES}, gain=gains,
                               counting=counting, band_shares=_band_shares(k, spectra),
                               parameters={"white": (white_measured, white_error),
                                           "ice_scale": (ice_scale, ice_error)})
-
-
-def _counterfactual_quality(k, signal, spectra, params):
-    """The restoration quality ``q`` of :func:`_counterfactual_gains` as things are."""
-    band = k > 1.0 / 200.0
-    particles = np.clip(signal - ice_signal(k, signal), 0.0, None)[band]
-    c2 = _mean_ctf2(k, params)[band]
-    w = k[band]
-    h = c2 * particles / (c2 * particles + np.maximum(sum(spectra.values())[band], 1e-30))
-    denominator = float((w * particles).sum())
-    return float(np.sqrt((w * particles * h).sum() / denominator)) if denominator > 0 else 0.0
 
 
 def _shell_power(pattern, k, pixel_size_A):
@@ -322,28 +311,46 @@ def _mean_ctf2(k, params):
     return (ctf_2d(ky, kx, params, with_envelope=False) ** 2).mean(axis=0)
 
 
-def _counterfactual_gains(k, signal, spectra, params, attenuation=1.0):
-    """Predicted gain in restoration quality with each cause at its ideal.
+def _quality_model(k, signal, params):
+    """``q(N)``: the correlation a Wiener restoration is expected to reach with the CTF-free
+    truth, given the noise power ``N`` on the shells ``k``.
 
-    The quality is the correlation a Wiener restoration is expected to reach with the
-    CTF-free truth: ``q(N) = sqrt(sum_k S h / sum_k S)`` with ``h = CTF² S / (CTF² S + N)``
-    over 1/200 Å^-1 to Nyquist (shells weighted by their pixel counts, ``S`` the particles'
-    power: the ice's own structure left out). A cause's gain is ``q`` without its noise
-    minus ``q`` with it; twice the dose for ``dose``; for ``ice`` also the electrons its
-    attenuation ``a`` stopped (relative to the signal, shot noise then scales by ``a``).
+    ``q = sqrt(sum_k T h / sum_k T)`` over 1/200 Å^-1 to Nyquist, shells weighted by their
+    pixel counts, with ``h = CTF² S / (CTF² S + N)`` (``S`` the particles' power in the
+    image: the ice's own structure left out) and ``T`` the truth's power: ``S`` without the
+    envelope. The envelope ``exp(-B k² / 2)`` (motion, coherence and detector together) is
+    measured as the decay of ``S`` over 1/12-1/4 Å^-1 (the ice ring left out), where a
+    protein's own power is about flat.
     """
     band = k > 1.0 / 200.0
     particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
+    fit = (k > 1.0 / 12.0) & (k < 0.25) & ((k < 1.0 / 3.95) | (k > 1.0 / 3.4)) & (particles > 0)
+    decay = 0.0
+    if fit.sum() >= 5:
+        slope = np.polyfit(k[fit] ** 2, np.log(particles[fit]), 1)[0]
+        decay = max(-slope, 0.0)  # B / 2
+    truth = particles * np.exp(np.minimum(decay * k**2, 30.0))
     ctf2 = _mean_ctf2(k, params)
-    weight = k  # shells hold Fourier pixels in proportion to k
-    total = sum(spectra.values())
+    s, t, c2, w = particles[band], truth[band], ctf2[band], k[band]
+    denominator = float((w * t).sum())
 
     def quality(noise):
-        s, c2, w = particles[band], ctf2[band], weight[band]
+        if denominator <= 0:
+            return 0.0
         h = c2 * s / (c2 * s + np.maximum(noise[band], 1e-30))
-        denominator = float((w * s).sum())
-        return float(np.sqrt((w * s * h).sum() / denominator)) if denominator > 0 else 0.0
+        return float(np.sqrt((w * t * h).sum() / denominator))
 
+    return quality
+
+
+def _counterfactual_gains(k, signal, spectra, params, attenuation=1.0):
+    """Predicted gain in restoration quality (:func:`_quality_model`) with each cause at its
+    ideal: ``q`` without its noise minus ``q`` with it; twice the dose for ``dose``; for
+    ``ice`` also the electrons its attenuation ``a`` stopped (relative to the signal, shot
+    noise then scales by ``a``).
+    """
+    quality = _quality_model(k, signal, params)
+    total = sum(spectra.values())
     base = quality(total)
     ideal = {c: total - spectra[c] for c in NOISE_CAUSES}
     ideal["dose"] = total - 0.5 * spectra["dose"]
