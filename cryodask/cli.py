@@ -315,7 +315,6 @@ def cmd_ctf(args) -> None:
         if store is not None:
             write_variables(results, store, overwrite=True)
         if args.diagnostics:
-            from cryodask.ctf_plot import plot_ctf_fit
 
             os.makedirs(args.diagnostics, exist_ok=True)
             tasks = [dask.delayed(_plot_one)(ds["image"].data[i], results.isel(micrograph=i),

@@ -3,7 +3,6 @@ import sys
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from cryodask.cli import main
 from cryodask.io.store import open_dataset
