@@ -232,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _has_dashboard() -> bool:
+    """Dask serves its dashboard only when bokeh is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None
+
+
 def _with_cluster(spec):
     from cryodask.cluster import cluster_client, describe, load_cluster_config
 
@@ -567,7 +574,7 @@ def cmd_demo(args) -> None:
                                     seed=2026)
     detector = Detector(gain_std=0.03, n_dead_rows=1, n_dead_cols=2, n_stuck_pixels=20, seed=2026)
     with _with_cluster(args.cluster) as client:
-        if client is not None and client.dashboard_link:
+        if client is not None and _has_dashboard():
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         t0 = time.perf_counter()
         write_simulated_dataset(sim_dir, params, detector=detector, seed=2026, save_truth_images=False)
