@@ -56,9 +56,29 @@ def phase_flip(image, params: CTFParams, *, pixel_size_A: float):
     return xp.astype(fft.irfftn(f * flip, s=x.shape, axes=(0, 1)), xp.float32)
 
 
+_WHITTLE_ITERATIONS = 2
+
+
+def _shell_regression(index, c, p, weight, n_shells):
+    """Per-shell weighted regression ``p = intercept + slope * c``; and the weighted
+    variance of ``c`` in each shell."""
+    w = np.bincount(index, weight, n_shells)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mc = np.bincount(index, weight * c, n_shells) / w
+        mp = np.bincount(index, weight * p, n_shells) / w
+        var_c = np.bincount(index, weight * c * c, n_shells) / w - mc**2
+        cov = np.bincount(index, weight * c * p, n_shells) / w - mc * mp
+        slope = cov / var_c
+        intercept = mp - slope * mc
+    return var_c, slope, intercept
+
+
 def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells: int | None = None,
                      smooth_shells: float = 2.0):
     """Signal and noise power per shell from the micrograph's own spectrum.
+
+    In each shell the power of the Fourier pixels is regressed on their CTF² by the Whittle
+    likelihood of periodogram values (iteratively reweighted least squares).
 
     Returns
     -------
@@ -85,12 +105,16 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
     counts = np.bincount(index, minlength=n_shells).astype(np.float64)
     sc = np.bincount(index, c, n_shells)
     sp = np.bincount(index, p, n_shells)
-    scc = np.bincount(index, c * c, n_shells)
-    scp = np.bincount(index, c * p, n_shells)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        var_c = scc / counts - (sc / counts) ** 2
-        slope = (scp / counts - (sc / counts) * (sp / counts)) / var_c
-        intercept = sp / counts - slope * sc / counts
+    var_c, slope, intercept = _shell_regression(index, c, p, np.ones_like(p), n_shells)
+    # Periodogram values are exponentially distributed about the model: weighting each by
+    # the inverse square of its model power turns least squares into the Whittle
+    # likelihood (iteratively reweighted).
+    for _ in range(_WHITTLE_ITERATIONS):
+        model = np.where(np.isfinite(slope), intercept, 0.0)[index] + np.where(
+            np.isfinite(slope), slope, 0.0)[index] * c
+        floor = 1e-6 * max(float(np.median(p)), 1e-30)
+        weight = 1.0 / np.maximum(model, floor) ** 2
+        var_c, slope, intercept = _shell_regression(index, c, p, weight, n_shells)
     # Shells where CTF² hardly varies (the lowest) cannot separate the two: use neighbours.
     good = np.isfinite(slope) & (var_c > 0.02) & (counts > 8)
     centres = (np.arange(n_shells) + 0.5) * nyquist / n_shells
