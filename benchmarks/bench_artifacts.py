@@ -12,12 +12,11 @@ and seconds per 4096^2 micrograph against one rfft2 of it (the floor), one core.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import scipy.fft
 
-from benchmarks.common import best_of
+from benchmarks.common import best_of, write_json
 from cryodask import artifacts as A
 from cryodask.defects import estimate_defects, micrograph_statistics
 from cryodask.regions import classify_regions
@@ -138,9 +137,7 @@ def main(argv=None) -> int:
         t = result["timing"]
         print(f"\n4096² micrograph, one core: clean {t['clean_s']:.2f} s ({t['clean_ratio_to_floor']:.1f}x the "
               f"rfft2 floor of {t['rfft2_floor_s']:.3f} s); regions {t['regions_s']:.2f} s")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1, default=str)
+    write_json(args.json, result)
     return 0
 
 

@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import warnings
 
 import numpy as np
 
-from benchmarks.common import correlation
-from cryodask.artifacts import clean_micrograph, find_impulses
+from benchmarks.common import correlation, restore_as_pipeline, write_json
+from cryodask.artifacts import find_impulses
 from cryodask.causal import NOISE_CAUSES, decompose_noise
-from cryodask.ctf import estimate_ctf
 from cryodask.defects import estimate_defects, micrograph_statistics
-from cryodask.physics import CTFParams
-from cryodask.restore import wiener_filter
 from cryodask.simulate import Detector, MicrographParams, detector_state, simulate_micrograph
 
 DETECTOR = Detector(gain_std=0.03, n_dead_rows=1, n_dead_cols=2, n_stuck_pixels=20, read_noise_counts=1.0, seed=3)
@@ -36,15 +31,8 @@ IDEAL_DETECTOR = Detector(seed=3)  # same MTF, nothing else
 
 
 def _restored_quality(image, truth, defects):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cleaned, _ = clean_micrograph(image, defects=defects)
-        fit = estimate_ctf(cleaned, pixel_size_A=1.0)
-    if not np.isfinite(fit.defocus_u_A):
-        return float("nan")
-    out = wiener_filter(cleaned, CTFParams(fit.defocus_u_A, fit.defocus_v_A, fit.defocus_angle_deg),
-                        pixel_size_A=1.0)
-    return correlation(out, truth)
+    out = restore_as_pipeline(image, defects=defects)
+    return float("nan") if out is None else correlation(out, truth)
 
 
 def main(argv=None) -> int:
@@ -107,9 +95,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"  {r['micrograph']:>2}: predicted {r['top_cause']:<10} true {r['true_top_cause']:<10} "
               "restoration gains " + ", ".join(f"{c} {v:+.3f}" for c, v in r["improvement"].items()))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(rows, fh, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

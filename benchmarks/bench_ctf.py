@@ -14,14 +14,13 @@ the CTF estimated blind (default search). Reports the acceptance subset of issue
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import warnings
 
 import numpy as np
 import scipy.fft
 
-from benchmarks.common import best_of
+from benchmarks.common import best_of, write_json
 from cryodask.ctf import CTFFitWarning, estimate_ctf
 from cryodask.simulate import MicrographParams, simulate_micrograph
 
@@ -109,9 +108,7 @@ def main(argv=None) -> int:
           "(dose 10-60 e/Å², defocus 0.5-4 µm, astigmatism 0-1500 Å):")
     for key, value in summary.items():
         print(f"  {key:<32} {value:.3f}" if isinstance(value, float) else f"  {key:<32} {value}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"timing": times, "accuracy": rows, "summary": summary}, fh, indent=1)
+    write_json(args.json, {"timing": times, "accuracy": rows, "summary": summary})
     if limiter is not None:
         limiter.unregister() if hasattr(limiter, "unregister") else None
     return 0

@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 
+from benchmarks.common import write_json
 from cryodask.ctf import CTFFitWarning, estimate_ctf
 from cryodask.io.images import read_micrograph
 from cryodask.simulate import DatasetRanges, draw_micrograph_params, write_simulated_dataset
@@ -127,9 +128,7 @@ def main(argv=None) -> int:
         c, a = summary["cryodask"][key], summary["aspire"][key]
         fmt = (lambda v: f"{v:>12}") if isinstance(c, str) else (lambda v: f"{v:>12.3f}")
         print(f"{key:<30} {fmt(c)} {fmt(a)}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"summary": summary, "rows": rows}, fh, indent=1, default=float)
+    write_json(args.json, {"summary": summary, "rows": rows})
     return 0
 
 

@@ -13,13 +13,13 @@ without any artifact (same seeds), fitted without cleaning.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 
 import numpy as np
 
+from benchmarks.common import write_json
 from cryodask import ingest, progress
 from cryodask.clean import estimate_ctf_cleaned
 from cryodask.pipeline import estimate_ctf_dataset
@@ -71,9 +71,7 @@ def main(argv=None) -> int:
     for name, r in out.items():
         print(f"{name:<24} {r['median_defocus_error_pct']:>9.3f} {r['worst_defocus_error_pct']:>9.3f} "
               f"{r['unreliable']:>11} {r['seconds_per_micrograph']:>15.2f}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(out, fh, indent=1)
+    write_json(args.json, out)
     return 0
 
 

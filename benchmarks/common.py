@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["best_of", "correlation"]
+__all__ = ["best_of", "correlation", "restore_as_pipeline", "write_json"]
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -28,3 +28,36 @@ def correlation(a, b) -> float:
     a = np.asarray(a, dtype=np.float64) - np.mean(a)
     b = np.asarray(b, dtype=np.float64) - np.mean(b)
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def write_json(path, data) -> None:
+    """Write a benchmark's results as indented JSON (no-op without a path)."""
+    import json
+
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, default=str)
+
+
+def restore_as_pipeline(image, *, pixel_size_A: float = 1.0, defects=None):
+    """What ``cryodask restore`` does to one micrograph: clean it, fit its CTF, Wiener.
+
+    Returns the restored image (NaN-free) or None when no CTF could be fitted.
+    """
+    import warnings
+
+    import numpy as np
+
+    from cryodask.artifacts import clean_micrograph
+    from cryodask.ctf import estimate_ctf
+    from cryodask.physics import CTFParams
+    from cryodask.restore import wiener_filter
+
+    cleaned, _ = clean_micrograph(image, defects=defects)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = estimate_ctf(cleaned, pixel_size_A=pixel_size_A)
+    if not np.isfinite(fit.defocus_u_A):
+        return None
+    params = CTFParams(fit.defocus_u_A, fit.defocus_v_A, fit.defocus_angle_deg)
+    return wiener_filter(cleaned, params, pixel_size_A=pixel_size_A)

@@ -104,7 +104,8 @@ def _clean_block(block, gain, divisor, defects, index, *, seed):
 
 
 def clean_dataset(ds: xr.Dataset, *, gain_reference=None, defects=None, dataset_defects: bool = True,
-                  gain_correction: bool | None = None, seed: int = 0) -> xr.Dataset:
+                  gain_correction: bool | None = None, seed: int = 0,
+                  measured: DatasetDefects | None = None) -> xr.Dataset:
     """Correct every micrograph's impulse artifacts and defects (lazy, one task each).
 
     Parameters
@@ -122,6 +123,9 @@ def clean_dataset(ds: xr.Dataset, *, gain_reference=None, defects=None, dataset_
         :data:`MIN_GAIN_MICROGRAPHS` micrographs.
     seed : int
         The fill noise is drawn from it and the micrograph's index: results repeat.
+    measured : DatasetDefects, optional
+        Pass 1's result when the caller already has it (:func:`measure_defects` on the same
+        micrographs, gain reference and defects), so that it is not computed again.
 
     Returns
     -------
@@ -134,8 +138,8 @@ def clean_dataset(ds: xr.Dataset, *, gain_reference=None, defects=None, dataset_
     """
     n = ds.sizes["micrograph"]
     shape = (ds.sizes["y"], ds.sizes["x"])
-    found = None
-    if dataset_defects and n >= MIN_DATASET_MICROGRAPHS:
+    found = measured
+    if found is None and dataset_defects and n >= MIN_DATASET_MICROGRAPHS:
         found = measure_defects(ds, gain_reference=gain_reference, defects=defects)
     if gain_correction is None:
         gain_correction = found is not None and n >= MIN_GAIN_MICROGRAPHS
@@ -166,12 +170,13 @@ def clean_dataset(ds: xr.Dataset, *, gain_reference=None, defects=None, dataset_
 
 
 def estimate_ctf_cleaned(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), gain_reference=None,
-                         defects=None) -> xr.Dataset:
+                         defects=None, measured: DatasetDefects | None = None) -> xr.Dataset:
     """CTF estimation robust to artifacts: clean, find regions, fit what is left (lazy).
 
     Each micrograph is corrected in memory (:func:`clean_dataset`, with the dataset's
     defects and gain when there are enough micrographs), its vacuum and contamination are
     left out of its spectrum, and the ice-ring shells carry no weight. Nothing is written.
+    ``gain_reference``, ``defects`` and ``measured`` are those of :func:`clean_dataset`.
 
     Returns
     -------
@@ -180,11 +185,13 @@ def estimate_ctf_cleaned(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), gai
         ``n_hot_pixels``, ``n_xray_pixels``, ``n_defect_pixels`` and
         ``region_fraction_<kind>`` per micrograph.
     """
-    work, exclude, extra = clean_for_fitting(ds, gain_reference=gain_reference, defects=defects)
+    work, exclude, extra = clean_for_fitting(ds, gain_reference=gain_reference, defects=defects,
+                                             measured=measured)
     return xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude), extra])
 
 
-def clean_for_fitting(ds: xr.Dataset, *, gain_reference=None, defects=None):
+def clean_for_fitting(ds: xr.Dataset, *, gain_reference=None, defects=None,
+                      measured: DatasetDefects | None = None):
     """The micrographs as the fitting steps see them (lazy): cleaned, with their exclusion.
 
     Returns
@@ -197,7 +204,7 @@ def clean_for_fitting(ds: xr.Dataset, *, gain_reference=None, defects=None):
         ``n_hot_pixels``, ``n_xray_pixels``, ``n_defect_pixels`` and
         ``region_fraction_<kind>`` per micrograph.
     """
-    cleaned = clean_dataset(ds, gain_reference=gain_reference, defects=defects)
+    cleaned = clean_dataset(ds, gain_reference=gain_reference, defects=defects, measured=measured)
     work = ds.assign(image=cleaned["image_clean"])
     regions = regions_dataset(work)
     exclude = regions["region_mask"].isin([VACUUM, CONTAMINATION])

@@ -466,7 +466,9 @@ def cmd_noise(args) -> None:
         if ds.sizes["micrograph"] >= MIN_DATASET_MICROGRAPHS:
             found = measure_defects(ds, gain_reference=gain, defects=known)
         work = ds if gain is None else ds.assign(image=ds["image"] * gain)
-        (ctf,) = progress.compute(estimate_ctf_cleaned(ds, gain_reference=gain, defects=known))
+        # Pass 1 (defects, gain) is shared by the CTF fit and the noise decomposition.
+        (ctf,) = progress.compute(estimate_ctf_cleaned(ds, gain_reference=gain, defects=known,
+                                                       measured=found))
         use_prior = not args.no_prior and ds.sizes["micrograph"] >= MIN_DATASET_MICROGRAPHS
         lazy = pipeline.noise_dataset(work, ctf, gain_estimate=None if found is None else found.gain,
                                       defects=known if found is None else found.defects, prior=use_prior)
