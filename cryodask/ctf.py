@@ -431,7 +431,6 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
     mean, a, b = (float(v) for v in best_x[:3])
     phase = float(best_x[3]) % 180.0 if search.fit_phase_shift else float(phase0)
     half = math.hypot(a, b)
-    half = min(half, 0.5 * search.max_astigmatism_A * 1.5)
     angle = (0.5 * math.degrees(math.atan2(b, a))) % 180.0
     cc = -best_f
 
@@ -441,10 +440,14 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
                        voltage_kV=voltage_kV, cs_mm=cs_mm, amplitude_contrast=amplitude_contrast,
                        phase_shift_deg=phase)
     threshold = 5.0 / math.sqrt(max(n_pix, 1))
-    reliable = bool(cc > threshold and significant)
+    # The optimiser may leave the searched astigmatism; such a fit is reported, not clamped,
+    # and is not to be trusted.
+    inside = 2.0 * half <= 1.5 * search.max_astigmatism_A and search.min_defocus_A <= mean <= search.max_defocus_A
+    reliable = bool(cc > threshold and significant and inside)
     if not reliable and warn:
-        warnings.warn(f"no significant Thon rings (cc {cc:.3f}, threshold {threshold:.3f}): the CTF "
-                      "fit is not reliable", CTFFitWarning, stacklevel=2)
+        why = (f"no significant Thon rings (cc {cc:.3f}, threshold {threshold:.3f})" if inside else
+               f"the fit left the search range (mean defocus {mean:.0f} Å, astigmatism {2 * half:.0f} Å)")
+        warnings.warn(f"{why}: the CTF fit is not reliable", CTFFitWarning, stacklevel=2)
     fit = CTFFit(defocus_u_A=params.defocus_u_A, defocus_v_A=params.defocus_v_A,
                  defocus_angle_deg=params.defocus_angle_deg, phase_shift_deg=phase, cc=float(cc),
                  fit_resolution_A=resolution, reliable=reliable)
