@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY, find_impulses, correct_pixels
-from cryodask.physics import CTFParams, ctf_2d, frequency_grid
+from cryodask.physics import CTFParams, ctf_2d, electron_wavelength_A, frequency_grid
 from cryodask.restore import fit_signal_noise
 
 __all__ = [
@@ -93,6 +93,11 @@ class NoiseDecomposition:
     counting: bool = False
     band_shares: dict = field(default_factory=dict)  # cause -> tuple, one share per band of BANDS_A
     parameters: dict = field(default_factory=dict)  # node value -> (measured value, standard error)
+    #: The correlation a Wiener restoration of the cleaned image is expected to reach with the
+    #: CTF-free truth; ``quality_model(k_max)`` gives it when only the shells up to ``k_max``
+    #: (1/Å) restore.
+    quality: float = float("nan")
+    quality_model: object = field(default=None, repr=False)
 
     @property
     def total(self) -> float:
@@ -208,13 +213,17 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
                                   attenuation=attenuation)
     # A covered pixel carries no signal: quality scales with the square root of what is kept.
     kept = max(1.0 - lost["artifacts"] - lost["detector"], 1e-6)
-    quality = _quality_model(k, signal, params)(sum(spectra.values()) - spectra["artifacts"])
+    model = _quality_model(k, signal, params)
+    noise = sum(spectra.values()) - spectra["artifacts"]
+    quality = model(noise)
     gains["artifacts"] = quality * (np.sqrt((kept + lost["artifacts"]) / kept) - 1.0)
     gains["detector"] += quality * (np.sqrt((kept + lost["detector"]) / kept) - 1.0)
     return NoiseDecomposition(variance={c: float(variance[c]) for c in NOISE_CAUSES}, gain=gains,
                               counting=counting, band_shares=_band_shares(k, spectra),
                               parameters={"white": (white_measured, white_error),
-                                          "ice_scale": (ice_scale, ice_error)})
+                                          "ice_scale": (ice_scale, ice_error)},
+                              quality=quality * np.sqrt(kept),
+                              quality_model=lambda k_max=None: model(noise, k_max) * np.sqrt(kept))
 
 
 def _shell_power(pattern, k, pixel_size_A):
@@ -315,29 +324,32 @@ def _quality_model(k, signal, params):
     """``q(N)``: the correlation a Wiener restoration is expected to reach with the CTF-free
     truth, given the noise power ``N`` on the shells ``k``.
 
-    ``q = sqrt(sum_k T h / sum_k T)`` over 1/200 Å^-1 to Nyquist, shells weighted by their
-    pixel counts, with ``h = CTF² S / (CTF² S + N)`` (``S`` the particles' power in the
-    image: the ice's own structure left out) and ``T`` the truth's power: ``S`` without the
-    envelope. The envelope ``exp(-B k² / 2)`` (motion, coherence and detector together) is
-    measured as the decay of ``S`` over 1/12-1/4 Å^-1 (the ice ring left out), where a
-    protein's own power is about flat.
+    ``q = sqrt(sum_k S h / sum_k S)`` over 1/200 Å^-1 to Nyquist, shells weighted by their
+    pixel counts, with ``h = CTF² S / (CTF² S + N)`` and ``S`` the particles' power (the
+    ice's own structure left out). Below the CTF's first maximum the spectrum cannot tell
+    the particles' power from other slowly varying power (thickness, gain), and the
+    particles' power there is taken as at the first maximum. The envelope is not undone:
+    what the micrograph does not carry is not counted as truth to be recovered.
     """
     band = k > 1.0 / 200.0
     particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
-    fit = (k > 1.0 / 12.0) & (k < 0.25) & ((k < 1.0 / 3.95) | (k > 1.0 / 3.4)) & (particles > 0)
-    decay = 0.0
-    if fit.sum() >= 5:
-        slope = np.polyfit(k[fit] ** 2, np.log(particles[fit]), 1)[0]
-        decay = max(-slope, 0.0)  # B / 2
-    truth = particles * np.exp(np.minimum(decay * k**2, 30.0))
+    lam = electron_wavelength_A(params.voltage_kV)
+    mean_defocus = max(0.5 * (params.defocus_u_A + params.defocus_v_A), 1.0)
+    first_maximum = np.sqrt(1.0 / (2.0 * lam * mean_defocus))
+    j = min(int(np.searchsorted(k, first_maximum)), k.size - 1)
+    truth = np.where(k < first_maximum, particles[j], particles)
     ctf2 = _mean_ctf2(k, params)
-    s, t, c2, w = particles[band], truth[band], ctf2[band], k[band]
+    s, t, c2, w = truth[band], truth[band], ctf2[band], k[band]
     denominator = float((w * t).sum())
 
-    def quality(noise):
+    def quality(noise, k_max=None):
+        """``q``; with ``k_max`` (1/Å) only the shells up to it restore (the rest count as
+        lost), e.g. the information up to the CTF fit's resolution."""
         if denominator <= 0:
             return 0.0
         h = c2 * s / (c2 * s + np.maximum(noise[band], 1e-30))
+        if k_max is not None:
+            h = np.where(k[band] <= k_max, h, 0.0)
         return float(np.sqrt((w * t * h).sum() / denominator))
 
     return quality

@@ -194,6 +194,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_file_acquisition(p)
     _add_cluster(p)
 
+    p = sub.add_parser("score", help="score micrographs: consistency rules, novelty, forecasts, V and HyperScore",
+                       description="Score each micrograph (DESIGN.md's V and HyperScore) and say why the bad "
+                                   "ones are bad: one CSV row per micrograph; --select writes a RELION STAR "
+                                   "file of those that pass a threshold. Artifacts are corrected in memory first.")
+    p.add_argument("inputs", nargs="+", metavar="FILES_OR_STORE",
+                   help="micrograph files (MRC/TIFF) or one store made by 'cryodask ingest'")
+    p.add_argument("--out", default="scores.csv", help="CSV to write (default scores.csv)")
+    p.add_argument("--select", metavar="EXPR",
+                   help="keep the micrographs that pass, e.g. \"hyperscore > 140 and logic >= 0.8\" "
+                        "(columns of the CSV; and/or); writes --star")
+    p.add_argument("--star", metavar="FILE",
+                   help="STAR file of the selected micrographs, with their CTF and rlnMicrographIceThickness "
+                        "(default: selected_micrographs_ctf.star beside --out)")
+    p.add_argument("--weights", metavar="FILE", help="weights of V and HyperScore (JSON, from learn_weights); "
+                                                     "default: those shipped with cryodask")
+    p.add_argument("--reference", metavar="LIBRARY.npz", help="novelty against this saved library too")
+    p.add_argument("--save-library", metavar="LIBRARY.npz", help="save this dataset's novelty library")
+    p.add_argument("--dose", type=float, metavar="e/Å²", help="total dose (for files; default: metadata)")
+    g = p.add_argument_group("rule limits")
+    g.add_argument("--min-defocus", type=float, default=3000.0, metavar="Å", help="default 3000")
+    g.add_argument("--max-defocus", type=float, default=50000.0, metavar="Å", help="default 50000")
+    g.add_argument("--max-astigmatism", type=float, default=1500.0, metavar="Å",
+                   help="plausible astigmatism (default 1500)")
+    g = p.add_argument_group("cleaning (on by default, in memory: nothing is written)")
+    g.add_argument("--no-clean", action="store_true", help="score the raw images (no artifact handling)")
+    _add_gain_options(g)
+    _add_file_acquisition(p)
+    _add_cluster(p)
+
     p = sub.add_parser("info", help="say what a store holds",
                        description="Print a store's dimensions, variables and acquisition values.")
     p.add_argument("store")
@@ -221,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "info": cmd_info,
                "demo": cmd_demo, "ctf": cmd_ctf, "clean": cmd_clean,
-               "restore": cmd_restore, "noise": cmd_noise}[args.command]
+               "restore": cmd_restore, "noise": cmd_noise, "score": cmd_score}[args.command]
     try:
         with dask.config.set({"cryodask.progress": sys.stderr.isatty()}):
             handler(args)
@@ -289,7 +318,8 @@ def _open_inputs(args):
     if stores:
         raise CLIError(f"give one store, or micrograph files, not both ({stores[0]})")
     ds = micrographs_dataset(args.inputs, pixel_size_A=args.pixel_size, voltage_kV=args.voltage,
-                             cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast, stack=args.stack)
+                             cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast, stack=args.stack,
+                             dose_e_per_A2=getattr(args, "dose", None))
     return ds, None
 
 
@@ -505,6 +535,70 @@ def cmd_noise(args) -> None:
     print(f"noise of {len(table)} micrographs in {elapsed:.1f} s -> {args.out} "
           "(share_*: of the noise variance; gain_*: predicted change in restoration quality with the cause at its ideal, "
           "dose = twice the dose)")
+
+
+def cmd_score(args) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from cryodask import pipeline
+    from cryodask.ctf import CTFSearch
+    from cryodask.io.star import write_ctf_star
+    from cryodask.score import RULES, RuleLimits, ScoreWeights, select
+
+    search = CTFSearch(min_defocus_A=args.min_defocus, max_defocus_A=args.max_defocus,
+                       max_astigmatism_A=max(3000.0, 2 * args.max_astigmatism))
+    limits = RuleLimits.from_search(search, max_astigmatism_A=args.max_astigmatism)
+    weights = ScoreWeights.load(args.weights) if args.weights else None
+    reference = None
+    if args.reference:
+        with np.load(args.reference) as lib:
+            reference = {name: lib[name] for name in lib.files}
+    with _with_cluster(args.cluster):
+        ds, _ = _open_inputs(args)
+        start = time.perf_counter()
+        gain, known = (None, None) if args.no_clean else _gain_and_defects(args, (ds.sizes["y"], ds.sizes["x"]))
+        scores, library = pipeline.score_dataset(ds, search=search, limits=limits, weights=weights,
+                                                 gain_reference=gain, defects=known, clean=not args.no_clean,
+                                                 reference=reference)
+        elapsed = time.perf_counter() - start
+    names = [str(n) for n in ds["micrograph_name"].values]
+    columns = ["logic", "novelty", "impact", "repro", "meta", "V", "hyperscore", "failed_rules", "top_cause"]
+    table = pd.DataFrame({"micrograph": names, **{c: scores[c].values for c in columns}})
+    table["failure_reasons"] = [" | ".join(str(scores[f"reason_{r}"].values[i]) for r in RULES
+                                           if scores[f"rule_{r}"].values[i] == 0) for i in range(len(names))]
+    for name in ("ice_thickness_A", "pixel_size_estimate_A", "quality_predicted", "defocus_u_A", "defocus_v_A",
+                 "ctf_fit_resolution_A", "n_hot_pixels", "n_xray_pixels", "n_defect_pixels"):
+        if name in scores:
+            table[name] = scores[name].values
+    for rule in RULES:
+        table[f"rule_{rule}"] = scores[f"rule_{rule}"].values
+    directory = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(args.out)}.partial")
+    table.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, args.out)
+    if args.save_library:
+        np.savez(args.save_library, **library)
+    shown = table[["micrograph", "logic", "novelty", "impact", "V", "hyperscore", "top_cause", "failed_rules"]].copy()
+    shown["micrograph"] = shown["micrograph"].str[-36:]
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"scored {len(table)} micrographs in {elapsed:.1f} s -> {args.out}")
+    for rule in RULES:
+        failed = int((table[f"rule_{rule}"] == 0).sum())
+        if failed:
+            print(f"  {rule}: {failed} failed ({RULES[rule]})")
+    if args.select:
+        keep = select(table, args.select)
+        star = args.star or os.path.join(directory, "selected_micrographs_ctf.star")
+        chosen = ds[["micrograph_name", "pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast"]].compute()
+        chosen = chosen.merge(scores[["defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
+                                      "ctf_cc", "ctf_fit_resolution_A"]]).isel(micrograph=np.flatnonzero(keep))
+        if not keep.any():
+            raise CLIError(f"--select {args.select!r}: no micrograph passes; nothing written")
+        write_ctf_star(chosen, star, extra={"rlnMicrographIceThickness": np.nan_to_num(
+            scores["ice_thickness_A"].values[keep], nan=-1.0)})
+        print(f"selected {int(keep.sum())} of {len(table)} ({args.select}) -> {star}")
 
 
 def _plot_one(image, result, meta, search, path):

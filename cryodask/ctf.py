@@ -42,6 +42,8 @@ __all__ = [
     "CTFFitWarning",
     "CTFSearch",
     "FitSpectrum",
+    "SectorCheck",
+    "check_sectors",
     "clip_outliers",
     "estimate_ctf",
     "fill_excluded",
@@ -556,3 +558,117 @@ def _unreliable(search: CTFSearch, why: str, return_spectrum: bool, spec, warn: 
     fit = CTFFit(defocus_u_A=nan, defocus_v_A=nan, defocus_angle_deg=nan, phase_shift_deg=nan,
                  cc=0.0, fit_resolution_A=nan, reliable=False)
     return (fit, spec) if return_spectrum else fit
+
+
+@dataclass(frozen=True)
+class SectorCheck:
+    """Thon rings sector by sector against one CTF (:func:`check_sectors`).
+
+    Arrays have one entry per angular sector; ``centres_deg`` from +x towards +y.
+    """
+
+    centres_deg: np.ndarray
+    cc: np.ndarray  # correlation of the sector's filtered spectrum with the CTF's
+    threshold: np.ndarray  # 4 / sqrt(pixels in the sector): rings are significant above it
+    n_pixels: np.ndarray  # spectrum pixels in each sector (the standard error of cc is 1/sqrt(n))
+    defocus_A: np.ndarray  # the sector's own best defocus (1D search)
+    model_defocus_A: np.ndarray  # the CTF's defocus averaged over the sector
+    tolerance_A: float  # how far the two may differ for the rings to agree
+
+    @property
+    def significant(self) -> np.ndarray:
+        return self.cc > self.threshold
+
+    @property
+    def agrees(self) -> np.ndarray:
+        return np.abs(self.defocus_A - self.model_defocus_A) <= self.tolerance_A
+
+
+def check_sectors(image, params: CTFParams, *, pixel_size_A: float, search: CTFSearch = CTFSearch(),
+                  exclude=None, clip_sigma: float | None = 6.0, n_sectors: int = _N_SECTORS,
+                  tolerance: float = 0.03) -> SectorCheck:
+    """Whether the Thon rings of every angular sector agree with one CTF.
+
+    The spectrum (as :func:`estimate_ctf` sees it) is split into ``n_sectors`` sectors over
+    180°; in each, the correlation of its filtered log-spectrum with the CTF's filtered
+    CTF² over the fit band says whether its rings are there (directional drift or a
+    wrong astigmatism leave sectors without them), and a 1D defocus search says where its
+    zeros are, to be compared with the CTF's defocus in that direction.
+
+    Parameters
+    ----------
+    image : (ny, nx) array
+    params : CTFParams
+    pixel_size_A : float
+    search : CTFSearch
+        The fit band and spectrum sampling.
+    exclude : (ny, nx) bool array, optional
+    clip_sigma : float or None
+    n_sectors : int
+    tolerance : float
+        Allowed defocus disagreement as a fraction of the mean defocus (at least 1.5 steps
+        of the search grid).
+    """
+    if n_sectors < 3:
+        raise ValueError(f"n_sectors must be >= 3, got {n_sectors!r}")
+    xp = namespace(image)
+    lam = electron_wavelength_A(params.voltage_kV)
+    cs_A = params.cs_mm * 1e7
+    w = math.asin(params.amplitude_contrast)
+    nyquist = 0.5 / pixel_size_A
+    k_lo = 1.0 / search.min_resolution_A
+    k_hi = min(1.0 / search.max_resolution_A, 0.98 * nyquist)
+    if exclude is not None:
+        image = fill_excluded(image, exclude)
+    spec = fit_spectrum(image, pixel_size_A=pixel_size_A, search=search, voltage_kV=params.voltage_kV,
+                        k_limit=k_hi, clip_sigma=clip_sigma)
+    log_power = xp.log(spec.power + 1e-6 * xp.mean(spec.power))
+    dk = float(to_numpy(spec.kx[0, 1] - spec.kx[0, 0])) if spec.kx.shape[1] > 1 else k_hi
+    shells = _Shells(spec, k_lo, k_hi, max(8, int((k_hi - k_lo) / dk)))
+    data = shells.select(log_power)
+    fdata = shells.filter(data)
+    rms = _smooth(to_numpy(xp.sqrt(shells.radial_mean(fdata * fdata))).astype(np.float64), 3.0)
+    weights = 1.0 / np.maximum(rms, 1e-12 * max(float(rms.max()), 1e-30))
+    weights[(shells.k_bins > 1.0 / _ICE_RING_BAND_A[0]) & (shells.k_bins < 1.0 / _ICE_RING_BAND_A[1])] = 0.0
+    mean = 0.5 * (params.defocus_u_A + params.defocus_v_A)
+    half = 0.5 * (params.defocus_u_A - params.defocus_v_A)
+    theta = math.radians(params.defocus_angle_deg)
+    model = shells.filter(_ctf2(shells, mean, half * math.cos(2 * theta), half * math.sin(2 * theta),
+                                params.phase_shift_deg, lam, cs_A, w))
+    index = to_numpy(shells.index)
+    pw = weights[index]
+    d = to_numpy(fdata).astype(np.float64) * pw
+    m = to_numpy(model).astype(np.float64) * pw
+    values = to_numpy(data).astype(np.float64)
+    alpha = to_numpy(shells.alpha).astype(np.float64) % np.pi
+    sector = np.minimum((alpha / np.pi * n_sectors).astype(int), n_sectors - 1)
+    step = 1.0 / (8.0 * lam * k_hi**2)
+    span = max(0.15 * mean, 4 * step) + abs(half)
+    defoci = np.arange(max(search.min_defocus_A * 0.5, mean - span), mean + span + step, step / 2)
+    profiles = _ctf2_profiles(shells.k_bins, defoci, np.array([params.phase_shift_deg]), lam, cs_A, w)[:, 0, :]
+    width = np.pi / n_sectors
+    shrink = math.sin(width) / width
+    centres = (np.arange(n_sectors) + 0.5) * width
+    cc = np.full(n_sectors, np.nan)
+    threshold = np.full(n_sectors, np.nan)
+    n_pixels = np.zeros(n_sectors, dtype=np.int64)
+    best = np.full(n_sectors, np.nan)
+    for s in range(n_sectors):
+        sel = sector == s
+        n = int(sel.sum())
+        if n < 10:
+            continue
+        cc[s] = float((d[sel] * m[sel]).sum() / (math.sqrt((d[sel] ** 2).sum() * (m[sel] ** 2).sum()) + 1e-30))
+        threshold[s] = 4.0 / math.sqrt(n)
+        n_pixels[s] = n
+        counts = np.bincount(index[sel], minlength=shells.n_bins)
+        ok = counts > 0
+        if ok.sum() < 10:
+            continue
+        profile = np.bincount(index[sel], weights=values[sel], minlength=shells.n_bins)[ok] / counts[ok]
+        ncc = _ncc_1d(profile, weights[ok], profiles[:, ok], _projector(shells.k_bins[ok], counts[ok]))
+        best[s] = defoci[int(np.argmax(ncc))]
+    model_defocus = mean + half * shrink * np.cos(2 * (centres - theta))
+    return SectorCheck(centres_deg=np.degrees(centres), cc=cc, threshold=threshold, n_pixels=n_pixels,
+                       defocus_A=best,
+                       model_defocus_A=model_defocus, tolerance_A=max(tolerance * mean, 1.5 * step))

@@ -22,6 +22,7 @@ __all__ = [
     "power_spectra",
     "regions_dataset",
     "restore_dataset",
+    "score_dataset",
 ]
 
 #: The variables :func:`estimate_ctf_dataset` returns, with their units.
@@ -258,11 +259,20 @@ def restore_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, method: str = "wiener",
     return restored.rename("image_restored").assign_attrs(method=method, sign="protein positive")
 
 
-def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, dose, white, ice_scale, gain, defects):
-    from cryodask.causal import BANDS_A, NOISE_CAUSES, decompose_noise
+def _n_noise_fields():
+    from cryodask.causal import BANDS_A, NOISE_CAUSES
+
+    # variance, gain and band shares per cause; white and ice_scale with their errors;
+    # the expected quality, in all and up to the CTF fit's resolution.
+    return (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4 + 2
+
+
+def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution, dose, white, ice_scale,
+                 gain, defects):
+    from cryodask.causal import NOISE_CAUSES, decompose_noise
     from cryodask.physics import CTFParams
 
-    n_fields = (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4
+    n_fields = _n_noise_fields()
     out = np.full((images.shape[0], n_fields), np.nan, dtype=np.float64)
     for i in range(images.shape[0]):
         if not np.isfinite(u[i]):
@@ -279,26 +289,25 @@ def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, dose, white
                                 dose_e_per_A2=float(dose[i]))
         out[i] = ([found.variance[c] for c in NOISE_CAUSES] + [found.gain[c] for c in NOISE_CAUSES]
                   + [v for c in NOISE_CAUSES for v in found.band_shares[c]]
-                  + [*found.parameters["white"], *found.parameters["ice_scale"]])
+                  + [*found.parameters["white"], *found.parameters["ice_scale"]]
+                  + [found.quality, found.quality_model(1.0 / resolution[i]) if resolution[i] > 0 else np.nan])
     return out
 
 
 def _noise_fields(ds, ctf, gain, known, white, ice_scale):
-    from cryodask.causal import BANDS_A, NOISE_CAUSES
-
     image = ds["image"]
     check_image_chunks(image)
     chunks = image.chunks[0] if image.chunks is not None else None
     names = [("defocus_u_A", ctf), ("defocus_v_A", ctf), ("defocus_angle_deg", ctf),
              ("voltage_kV", ds), ("cs_mm", ds), ("amplitude_contrast", ds), ("phase_shift_deg", ctf),
-             ("pixel_size_A", ds)]
+             ("pixel_size_A", ds), ("ctf_fit_resolution_A", ctf)]
     scalars = [source[name].astype(np.float64) for name, source in names]
     dose = ds["dose_e_per_A2"] if "dose_e_per_A2" in ds else xr.full_like(ds["pixel_size_A"], np.nan)
     scalars.append(dose.astype(np.float64))
     scalars += [xr.DataArray(np.asarray(values, np.float64), dims=("micrograph",)) for values in (white, ice_scale)]
     if chunks is not None:
         scalars = [var.chunk({"micrograph": chunks}) for var in scalars]
-    n_fields = (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4
+    n_fields = _n_noise_fields()
     return xr.apply_ufunc(
         _noise_block, image, *scalars,
         input_core_dims=[["y", "x"]] + [[]] * len(scalars), output_core_dims=[["noise_field"]],
@@ -369,10 +378,255 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         out[f"band_share_{cause}"] = band.astype(np.float32)
     for j, name in enumerate(("white", "ice_scale")):
         out[f"measured_{name}"] = result.isel(noise_field=first_param + 2 * j, drop=True).astype(np.float32)
+        out[f"measured_{name}_error"] = result.isel(noise_field=first_param + 2 * j + 1,
+                                                    drop=True).astype(np.float32)
         fit = priors.get(name)
         if fit is not None:
             out[f"prior_{name}"] = xr.DataArray(fit.values.astype(np.float32), dims=("micrograph",)).assign_attrs(
                 prior_mean=fit.mean, prior_spread=fit.spread, iterations=fit.iterations,
                 drift_in_standard_errors=fit.drift, converged=int(fit.converged))
+    out["quality_predicted"] = result.isel(noise_field=first_param + 4, drop=True).astype(np.float32).assign_attrs(
+        meaning="correlation with the CTF-free truth a Wiener restoration is expected to reach")
+    out["quality_predicted_to_fit"] = result.isel(noise_field=first_param + 5, drop=True).astype(
+        np.float32).assign_attrs(meaning="the same, restoring only up to the CTF fit's resolution")
     return out.assign_coords(band=("band", [f"{lo:g}-{hi:g} Å" if hi else f"{lo:g} Å-Nyquist"
                                            for lo, hi in BANDS_A]))
+
+
+def _measure_block(raw, cleaned, exclude, u, v, angle, voltage, cs, ac, phase, pixel, *, search, defects,
+                   descriptor_k, shell_edges):
+    from cryodask.physics import CTFParams
+    from cryodask.score import MEASUREMENTS, measure_micrograph
+
+    n = len(MEASUREMENTS)
+    m = len(descriptor_k)
+    out = np.full((raw.shape[0], n + m + 2 * (len(shell_edges) - 1)), np.nan)
+    for i in range(raw.shape[0]):
+        params = None
+        if np.isfinite(u[i]):
+            params = CTFParams(defocus_u_A=float(u[i]), defocus_v_A=float(v[i]),
+                               defocus_angle_deg=float(angle[i]), voltage_kV=float(voltage[i]),
+                               cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]),
+                               phase_shift_deg=float(phase[i]))
+        found, descriptor, shells = measure_micrograph(
+            raw[i], cleaned[i], params, pixel_size_A=float(pixel[i]), search=search,
+            exclude=exclude[i] if exclude.ndim == 3 else None,
+            defects=defects if defects.ndim == 2 else None, descriptor_k=descriptor_k, shell_edges=shell_edges)
+        out[i, :n] = [found[name] for name in MEASUREMENTS]
+        out[i, n:n + m] = descriptor
+        out[i, n + m:] = shells.ravel()
+    return out
+
+
+def score_measurements(raw: xr.Dataset, work: xr.Dataset, ctf: xr.Dataset, *, exclude=None,
+                       search: CTFSearch = CTFSearch(), defects=None, descriptor_k=None) -> xr.Dataset:
+    """The per-micrograph measurements of :func:`cryodask.score.measure_micrograph` (lazy).
+
+    ``raw`` holds the images as recorded, ``work`` the same cleaned (or ``raw`` again).
+    Returns the variables of :data:`cryodask.score.MEASUREMENTS`, ``descriptor
+    (micrograph, descriptor_k)``, and ``shell_power`` and ``shell_ctf2`` ``(micrograph,
+    shell_k)`` on 96 shells up to the dataset's lowest Nyquist frequency.
+    """
+    from cryodask.score import MEASUREMENTS
+
+    check_image_chunks(raw["image"])
+    check_image_chunks(work["image"])
+    chunks = work["image"].chunks[0] if work["image"].chunks is not None else None
+    pixel = float(np.max(np.asarray(raw["pixel_size_A"])))
+    if descriptor_k is None:
+        descriptor_k = np.geomspace(1.0 / 100.0, 0.9 * 0.5 / pixel, 24)
+    shell_edges = np.linspace(0.0, 0.5 / pixel, 97)
+    n_shells = shell_edges.size - 1
+    names = [("defocus_u_A", ctf), ("defocus_v_A", ctf), ("defocus_angle_deg", ctf),
+             ("voltage_kV", raw), ("cs_mm", raw), ("amplitude_contrast", raw), ("phase_shift_deg", ctf),
+             ("pixel_size_A", raw)]
+    scalars = [source[name].astype(np.float64) for name, source in names]
+    if exclude is None:
+        exclude, exclude_dims = xr.zeros_like(scalars[0], dtype=bool), []
+    else:
+        exclude_dims = ["y", "x"]
+    if chunks is not None:
+        scalars = [var.chunk({"micrograph": chunks}) for var in scalars]
+        exclude = exclude.chunk({"micrograph": chunks})
+    known = np.zeros(0) if defects is None else np.asarray(defects, bool)
+    n = len(MEASUREMENTS)
+    result = xr.apply_ufunc(
+        _measure_block, raw["image"], work["image"], exclude, *scalars,
+        input_core_dims=[["y", "x"], ["y", "x"], exclude_dims] + [[]] * len(scalars),
+        output_core_dims=[["measure_field"]], dask="parallelized", output_dtypes=[np.float64],
+        dask_gufunc_kwargs={"output_sizes": {"measure_field": n + len(descriptor_k) + 2 * n_shells}},
+        kwargs={"search": search, "defects": known, "descriptor_k": np.asarray(descriptor_k),
+                "shell_edges": shell_edges},
+        keep_attrs=False)
+    out = xr.Dataset({name: result.isel(measure_field=i, drop=True) for i, name in enumerate(MEASUREMENTS)})
+    m = n + len(descriptor_k)
+    out["descriptor"] = result.isel(measure_field=slice(n, m)).rename(measure_field="descriptor_k").astype(
+        np.float32)
+    out["shell_power"] = result.isel(measure_field=slice(m, m + n_shells)).rename(measure_field="shell_k")
+    out["shell_ctf2"] = result.isel(measure_field=slice(m + n_shells, None)).rename(measure_field="shell_k")
+    centres = 0.5 * (shell_edges[1:] + shell_edges[:-1])
+    return out.assign_coords(descriptor_k=("descriptor_k", np.asarray(descriptor_k), {"units": "1/Å"}),
+                             shell_k=("shell_k", centres, {"units": "1/Å"}))
+
+
+def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=None, weights=None,
+                  gain_reference=None, defects=None, clean: bool = True, reference: dict | None = None,
+                  particle_density_per_um2: float = 100.0, n_neighbours: int = 1, n_bootstrap: int = 32,
+                  seed: int = 0):
+    """Score every micrograph (computes: several passes over the dataset).
+
+    Pass 1 finds the dataset's defects and gain (:func:`cryodask.clean.measure_defects`);
+    then each micrograph is cleaned in memory and its CTF fitted, its noise decomposed
+    under the dataset prior (:func:`noise_dataset`), and measured for the rules
+    (:func:`score_measurements`); the reductions -- novelty over a faiss index, the
+    prior's bootstrap stability -- and V and HyperScore follow (:mod:`cryodask.score`).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+    search : CTFSearch
+    limits : cryodask.score.RuleLimits, optional
+        Default: :class:`~cryodask.score.RuleLimits` with ``search``'s defocus range.
+    weights : cryodask.score.ScoreWeights, optional
+        Default: :func:`cryodask.score.default_weights`.
+    gain_reference, defects : (y, x) arrays, optional
+        A user's gain reference and known defects.
+    clean : bool
+        Correct artifacts and leave out excluded regions first (the default).
+    reference : dict, optional
+        A novelty library saved from an earlier run.
+    particle_density_per_um2 : float
+        Nominal particle density for ImpactFore when the dataset holds no picks.
+    n_neighbours, n_bootstrap, seed : int
+        Novelty's neighbours; the prior's bootstrap resamples and their seed.
+
+    Returns
+    -------
+    scores : xarray.Dataset
+        Per micrograph: the CTF, noise and measurement variables, ``rule_<name>`` (1 pass,
+        0 fail, NaN not applicable) and ``reason_<name>``, ``failed_rules``, ``logic``,
+        ``novelty``, ``impact``, ``repro``, ``meta``, ``V``, ``hyperscore``, ``top_cause``,
+        ``ice_thickness_A`` and ``pixel_size_estimate_A``.
+    library : dict
+        The novelty library of this dataset (see :func:`cryodask.score.novelty`).
+    """
+    from cryodask import progress
+    from cryodask.causal import NOISE_CAUSES
+    from cryodask.clean import MIN_DATASET_MICROGRAPHS, clean_for_fitting, measure_defects
+    from cryodask.score import (COMPONENTS, ICE_MEAN_FREE_PATH_A, RULES, RuleLimits, combine, dataset_quality,
+                                default_weights, evaluate_rules, hyperscore, impact_forecast, logic_score,
+                                novelty, particle_spectrum, prior_stability)
+
+    limits = limits or RuleLimits.from_search(search)
+    weights = weights or default_weights()
+    n = ds.sizes["micrograph"]
+    raw = ds if gain_reference is None else ds.assign(image=ds["image"] * np.asarray(gain_reference, np.float32))
+    measured = None
+    if clean and n >= MIN_DATASET_MICROGRAPHS:
+        measured = measure_defects(ds, gain_reference=gain_reference, defects=defects)
+    if clean:
+        work, exclude, extra = clean_for_fitting(ds, gain_reference=gain_reference, defects=defects,
+                                                 measured=measured)
+    else:
+        work, exclude, extra = raw, None, xr.Dataset()
+    (ctf,) = progress.compute(xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude), extra]))
+    known = defects if measured is None else measured.defects
+    noise = noise_dataset(raw, ctf, gain_estimate=None if measured is None else measured.gain, defects=known,
+                          prior=n >= MIN_DATASET_MICROGRAPHS)
+    measurements = score_measurements(raw, work, ctf, exclude=exclude, search=search, defects=known)
+    noise, measurements = progress.compute(noise, measurements)
+    out = xr.merge([ctf, noise.drop_vars([v for v in noise.data_vars if v.startswith("band_share_")]),
+                    measurements])
+    shape = (ds.sizes["y"], ds.sizes["x"])
+    pixel = np.asarray(ds["pixel_size_A"], np.float64)
+    dose = (np.asarray(ds["dose_e_per_A2"], np.float64) if "dose_e_per_A2" in ds else np.full(n, np.nan))
+    if clean:
+        artifact_fraction = (np.asarray(ctf["n_hot_pixels"]) + np.asarray(ctf["n_xray_pixels"])) / float(
+            shape[0] * shape[1])
+        excluded = np.asarray(ctf["region_fraction_vacuum"]) + np.asarray(ctf["region_fraction_contamination"])
+        usable = np.asarray(ctf["region_fraction_ice"]) * (1.0 - artifact_fraction)
+    else:
+        artifact_fraction = excluded = np.full(n, np.nan)
+        usable = np.ones(n)
+    rows = {name: np.asarray(out[name]) for name in out.data_vars if out[name].dims == ("micrograph",)}
+    rule_values = {name: np.full(n, np.nan) for name in RULES}
+    reasons = {name: [""] * n for name in RULES}
+    logic = np.full(n, np.nan)
+    failed = []
+    for i in range(n):
+        row = {name: values[i] for name, values in rows.items()}
+        row.update(artifact_fraction=artifact_fraction[i], excluded_fraction=excluded[i])
+        results = evaluate_rules(row, limits, pixel_size_A=float(pixel[i]), dose_e_per_A2=float(dose[i]))
+        for name, (passed, reason) in results.items():
+            rule_values[name][i] = np.nan if passed is None else float(passed)
+            reasons[name][i] = reason
+        logic[i] = logic_score(results)
+        failed.append(";".join(name for name, (passed, _) in results.items() if passed is False))
+    # Reductions over the dataset.
+    shares = np.stack([np.asarray(out[f"share_{c}"]) for c in NOISE_CAUSES], axis=1)
+    fractions = np.stack([np.asarray(ctf[name]) for name in ctf.data_vars if name.startswith("region_fraction_")],
+                         axis=1) if clean else np.zeros((n, 0))
+    mean_defocus = 0.5 * (np.asarray(ctf["defocus_u_A"]) + np.asarray(ctf["defocus_v_A"]))
+    descriptors = np.concatenate([np.asarray(out["descriptor"], np.float64), shares, fractions,
+                                  np.stack([mean_defocus / 1e4, np.asarray(ctf["ctf_fit_resolution_A"]) / 10.0],
+                                           axis=1)], axis=1)
+    novel, library = novelty(descriptors, k=n_neighbours, reference=reference)
+    particles = None
+    if "particle_micrograph" in ds:
+        particles = np.bincount(np.asarray(ds["particle_micrograph"], np.int64), minlength=n)[:n]
+    # The sample node across the dataset: the particles' spectrum, and each micrograph's
+    # expected restoration quality from it (its own fit's when the dataset is too small).
+    power, ctf2 = np.asarray(out["shell_power"]), np.asarray(out["shell_ctf2"])
+    scale = np.where(np.asarray(out["counting"]) > 0, np.asarray(out["mean_counts"]), 1.0)
+    shell_k = np.asarray(out["shell_k"])
+    quality, quality_fit = np.asarray(out["quality_predicted"]), np.asarray(out["quality_predicted_to_fit"])
+    if n >= MIN_DATASET_MICROGRAPHS:
+        spectrum = particle_spectrum(power, ctf2, scale)
+        quality = dataset_quality(power, ctf2, scale, spectrum, shell_k)
+        with np.errstate(divide="ignore"):
+            k_fit = 1.0 / np.asarray(ctf["ctf_fit_resolution_A"], np.float64)
+        quality_fit = dataset_quality(power, ctf2, scale, spectrum, shell_k, k_max=np.nan_to_num(k_fit, nan=0.0))
+        out["particle_spectrum"] = ("shell_k", spectrum, {
+            "meaning": "the particles' power shared by the dataset, per Fourier pixel, over the mean count squared"})
+    out["quality_expected"] = ("micrograph", quality, {
+        "meaning": "expected correlation of the Wiener restoration with the CTF-free truth"})
+    area = shape[0] * shape[1] * pixel**2
+    impact = impact_forecast(usable, area, quality_fit, particles=particles,
+                             density_per_um2=particle_density_per_um2)
+    repro = 1.0 / (1.0 + np.clip(np.nan_to_num(np.asarray(out["deviance_excess"]), nan=1.0), 0.0, None) / 0.05
+                   + np.nan_to_num(np.asarray(out["refit_defocus_change"]), nan=1.0) / 0.01)
+    instability, drift = np.zeros(n), 0.0
+    for name in ("white", "ice_scale"):
+        unstable, moved = prior_stability(np.asarray(out[f"measured_{name}"]),
+                                          np.asarray(out[f"measured_{name}_error"]), n_bootstrap=n_bootstrap,
+                                          seed=seed)
+        instability = np.fmax(instability, np.nan_to_num(unstable, nan=0.0))
+        drift = max(drift, 0.0 if not np.isfinite(moved) else moved)
+    meta = 1.0 / (1.0 + drift + instability)
+    components = {"logic": logic, "novelty": novel, "impact": impact, "repro": repro, "meta": meta}
+    v = combine(components, weights)
+    gains = np.stack([np.asarray(out[f"gain_{c}"]) for c in NOISE_CAUSES if c != "dose"], axis=1)
+    causes = [c for c in NOISE_CAUSES if c != "dose"]
+    top = [causes[int(np.nanargmax(g))] if np.isfinite(g).any() else "" for g in gains]
+    counting = np.asarray(out["counting"]) > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.asarray(out["mean_counts"]) / (dose * pixel**2)
+        thickness = np.where(counting & np.isfinite(ratio) & (ratio > 0),
+                             ICE_MEAN_FREE_PATH_A * np.log(np.clip(1.0 / ratio, 1.0, None)), np.nan)
+        ring_ok = np.asarray(out["ice_ring_significance"]) >= limits.min_ring_significance
+        pixel_estimate = np.where(ring_ok, pixel / np.asarray(out["ice_ring_scale"]), np.nan)
+    dims = ("micrograph",)
+    for name in RULES:
+        out[f"rule_{name}"] = (dims, rule_values[name], {"description": RULES[name]})
+        out[f"reason_{name}"] = (dims, np.asarray(reasons[name], dtype=str))
+    out["failed_rules"] = (dims, np.asarray(failed, dtype=str))
+    for name, values in components.items():
+        out[name] = (dims, np.asarray(values, np.float64))
+    out["V"] = (dims, v, {"weights": repr(weights.w)})
+    out["hyperscore"] = (dims, hyperscore(v, weights), {"beta": weights.beta, "gamma": weights.gamma,
+                                                        "kappa": weights.kappa})
+    out["top_cause"] = (dims, np.asarray(top, dtype=str))
+    out["ice_thickness_A"] = (dims, thickness, {"units": "Å", "method": "attenuation of the counts (dose known)"})
+    out["pixel_size_estimate_A"] = (dims, pixel_estimate, {"units": "Å", "method": "ice ring at 3.66 Å"})
+    out.attrs.update(components=", ".join(COMPONENTS), prior_drift=drift)
+    return out, library

@@ -38,12 +38,13 @@ def _table(ds) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def write_ctf_star(ds, path, *, phase_shift: bool | None = None) -> pd.DataFrame:
+def write_ctf_star(ds, path, *, phase_shift: bool | None = None, extra: dict | None = None) -> pd.DataFrame:
     """Write RELION 3.1+ ``data_optics`` and ``data_micrographs`` blocks.
 
     Optics groups are the distinct combinations of pixel size, voltage, Cs and amplitude
     contrast. ``rlnPhaseShift`` (degrees) is written when ``phase_shift`` is True, or by
-    default when any micrograph has a non-zero fitted phase shift.
+    default when any micrograph has a non-zero fitted phase shift. ``extra`` adds columns
+    (label -> one value per micrograph), e.g. ``rlnMicrographIceThickness``.
 
     Returns
     -------
@@ -78,6 +79,11 @@ def write_ctf_star(ds, path, *, phase_shift: bool | None = None) -> pd.DataFrame
         phase_shift = bool(np.nanmax(np.abs(table["phase_shift_deg"].to_numpy()), initial=0.0) > 0)
     if phase_shift:
         micrographs["rlnPhaseShift"] = table["phase_shift_deg"]
+    for label, values in (extra or {}).items():
+        values = np.asarray(values)
+        if values.shape != (len(micrographs),):
+            raise ValueError(f"extra column {label!r} has {values.shape} values for {len(micrographs)} micrographs")
+        micrographs[label] = values
     _atomic_write(path, lambda tmp: starfile.write({"optics": optics, "micrographs": micrographs},
                                                    tmp, overwrite=True))
     return micrographs
