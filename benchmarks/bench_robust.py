@@ -1,4 +1,5 @@
-"""CTF accuracy on raw micrographs full of artifacts: cleaned, not cleaned, and an oracle.
+"""CTF accuracy and restoration on raw micrographs full of artifacts: cleaned, not cleaned,
+and an oracle.
 
     python -m benchmarks.bench_robust [--count 16] [--size 1024] [--json FILE]
 
@@ -8,6 +9,11 @@ per micrograph. The same files go through ``cryodask ctf`` with the default clea
 with ``--no-clean`` (which keeps the CTF kernel's own 6-sigma outlier guard); then the
 kernel on raw pixels with no guard at all; and the oracle: the same micrographs simulated
 without any artifact (same seeds), fitted without cleaning.
+
+Restoration: each micrograph restored as ``cryodask restore`` does it (Wiener filter, its own
+CTF), cleaned and with ``--no-clean``, and the oracle's; the correlation with the CTF-free
+projection the simulator recorded (the same for a micrograph and its oracle), and its ratio
+to the oracle's.
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ import time
 
 import numpy as np
 
-from benchmarks.common import write_json
+from benchmarks.common import correlation, write_json
 from cryodask import ingest, progress
-from cryodask.clean import estimate_ctf_cleaned
-from cryodask.pipeline import estimate_ctf_dataset
+from cryodask.clean import clean_for_fitting, estimate_ctf_cleaned
+from cryodask.pipeline import estimate_ctf_dataset, restore_dataset
 from cryodask.simulate import DatasetRanges, Detector, draw_micrograph_params, write_simulated_dataset
 
 
@@ -30,6 +36,13 @@ def _errors(results, truth):
     fitted = 0.5 * (results["defocus_u_A"].values + results["defocus_v_A"].values)
     true = 0.5 * (truth["defocus_u_A"] + truth["defocus_v_A"]).to_numpy()
     return [float(e) for e in 100 * np.abs(fitted / true - 1)]
+
+
+def _read(path):
+    import mrcfile
+
+    with mrcfile.open(path, permissive=True) as mrc:
+        return np.asarray(mrc.data, np.float32)
 
 
 def main(argv=None) -> int:
@@ -49,7 +62,8 @@ def main(argv=None) -> int:
     detector = Detector(gain_std=0.03, n_dead_rows=2, n_dead_cols=2, n_stuck_pixels=30, seed=args.seed)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        truth = write_simulated_dataset(f"{tmp}/dirty", dirty, detector=detector, seed=args.seed)
+        truth = write_simulated_dataset(f"{tmp}/dirty", dirty, detector=detector, seed=args.seed,
+                                        save_truth_images=True)
         write_simulated_dataset(f"{tmp}/oracle", oracle, detector=Detector(gain_std=0.03, seed=args.seed),
                                 seed=args.seed)
         ds = ingest(f"{tmp}/dirty/*.mrc", f"{tmp}/dirty.zarr")
@@ -65,12 +79,29 @@ def main(argv=None) -> int:
             out[name] = {"median_defocus_error_pct": statistics.median(errors),
                          "worst_defocus_error_pct": max(errors),
                          "unreliable": int((~results["ctf_reliable"].values).sum()),
-                         "seconds_per_micrograph": seconds / args.count, "errors_pct": errors}
+                         "seconds_per_micrograph": seconds / args.count, "errors_pct": errors,
+                         "ctf": results}
+        projections = [_read(f"{tmp}/dirty/truth/mic_{i:04d}_projection.mrc") for i in range(args.count)]
+        work, _, _ = clean_for_fitting(ds)
+        for name, images in (("cleaned (default)", work), ("--no-clean", ds), ("oracle (no artifacts)", ds_oracle)):
+            restored = restore_dataset(images, out[name]["ctf"]).values
+            out[name]["restored_correlation"] = [
+                correlation(r, t) if np.all(np.isfinite(r)) else 0.0 for r, t in zip(restored, projections)]
+        for name in out:
+            out[name].pop("ctf")
     print(f"{args.count} simulated {args.size}² micrographs with artifacts (see the module notes)")
     print(f"{'':<24} {'median %':>9} {'worst %':>9} {'unreliable':>11} {'s / micrograph':>15}")
     for name, r in out.items():
         print(f"{name:<24} {r['median_defocus_error_pct']:>9.3f} {r['worst_defocus_error_pct']:>9.3f} "
               f"{r['unreliable']:>11} {r['seconds_per_micrograph']:>15.2f}")
+    oracle_corr = np.asarray(out["oracle (no artifacts)"]["restored_correlation"])
+    print(f"\nrestoration (Wiener, own CTF): correlation with the CTF-free truth, and its ratio to the oracle's")
+    print(f"{'':<24} {'mean corr':>10} {'mean ratio':>11} {'worst ratio':>12}")
+    for name in ("cleaned (default)", "--no-clean", "oracle (no artifacts)"):
+        corr = np.asarray(out[name]["restored_correlation"])
+        ratio = corr / oracle_corr
+        out[name]["restored_ratio_to_oracle"] = [float(v) for v in ratio]
+        print(f"{name:<24} {corr.mean():>10.3f} {ratio.mean():>11.3f} {ratio.min():>12.3f}")
     write_json(args.json, out)
     return 0
 
