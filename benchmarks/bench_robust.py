@@ -8,7 +8,8 @@ stuck pixels) with 20-50 e/Å², ice 150-1400 Å, 100-400 hot pixels and 5-30 X-
 per micrograph. The same files go through ``cryodask ctf`` with the default cleaning and
 with ``--no-clean`` (which keeps the CTF kernel's own 6-sigma outlier guard); then the
 kernel on raw pixels with no guard at all; and the oracle: the same micrographs simulated
-without any artifact (same seeds), fitted without cleaning.
+without impulses (same seeds), whose gain pattern and defects are given to it exactly (as a
+gain reference and a defect map).
 
 Restoration: each micrograph restored as ``cryodask restore`` does it (Wiener filter, its own
 CTF), cleaned and with ``--no-clean``, and the oracle's; the correlation with the CTF-free
@@ -64,14 +65,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         truth = write_simulated_dataset(f"{tmp}/dirty", dirty, detector=detector, seed=args.seed,
                                         save_truth_images=True)
-        write_simulated_dataset(f"{tmp}/oracle", oracle, detector=Detector(gain_std=0.03, seed=args.seed),
-                                seed=args.seed)
+        write_simulated_dataset(f"{tmp}/oracle", oracle, detector=detector, seed=args.seed)
         ds = ingest(f"{tmp}/dirty/*.mrc", f"{tmp}/dirty.zarr")
         ds_oracle = ingest(f"{tmp}/oracle/*.mrc", f"{tmp}/oracle.zarr")
+        # The oracle knows where every artifact is: no impulses, and the true gain and defects
+        # given as a gain reference and a defect map.
+        gain = _read(f"{tmp}/dirty/truth/gain.mrc")
+        known = _read(f"{tmp}/dirty/truth/defects.mrc") > 0
+        work_oracle, exclude_oracle, _ = clean_for_fitting(ds_oracle, gain_reference=1.0 / gain, defects=known)
         for name, lazy in (("cleaned (default)", lambda: estimate_ctf_cleaned(ds)),
                            ("--no-clean", lambda: estimate_ctf_dataset(ds)),
                            ("raw (no outlier guard)", lambda: estimate_ctf_dataset(ds, clip_sigma=None)),
-                           ("oracle (no artifacts)", lambda: estimate_ctf_dataset(ds_oracle))):
+                           ("oracle (no artifacts)", lambda: estimate_ctf_dataset(work_oracle,
+                                                                                  exclude=exclude_oracle))):
             start = time.perf_counter()
             (results,) = progress.compute(lazy())
             seconds = time.perf_counter() - start
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
                          "ctf": results}
         projections = [_read(f"{tmp}/dirty/truth/mic_{i:04d}_projection.mrc") for i in range(args.count)]
         work, _, _ = clean_for_fitting(ds)
-        for name, images in (("cleaned (default)", work), ("--no-clean", ds), ("oracle (no artifacts)", ds_oracle)):
+        for name, images in (("cleaned (default)", work), ("--no-clean", ds), ("oracle (no artifacts)", work_oracle)):
             restored = restore_dataset(images, out[name]["ctf"]).values
             out[name]["restored_correlation"] = [
                 correlation(r, t) if np.all(np.isfinite(r)) else 0.0 for r, t in zip(restored, projections)]

@@ -45,7 +45,10 @@ __all__ = [
     "causal_graph",
     "decompose_noise",
     "fit_ice_scale",
+    "dataset_quality",
     "ice_signal",
+    "particle_spectrum",
+    "spectrum_shells",
 ]
 
 #: The causes that add noise, in the order of every table.
@@ -98,6 +101,10 @@ class NoiseDecomposition:
     #: (1/Å) restore.
     quality: float = float("nan")
     quality_model: object = field(default=None, repr=False)
+    #: The cleaned image's mean periodogram and mean CTF² in shells (:func:`spectrum_shells`),
+    #: and its mean count (1 for data that are not counts): for :func:`particle_spectrum`.
+    shells: object = field(default=None, repr=False)
+    scale: float = 1.0
 
     @property
     def total(self) -> float:
@@ -121,8 +128,8 @@ def _excess(image, reference, where):
 
 
 def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimate=None,
-                    defects=None, fixed: dict | None = None,
-                    dose_e_per_A2: float | None = None) -> NoiseDecomposition:
+                    defects=None, fixed: dict | None = None, dose_e_per_A2: float | None = None,
+                    particle_power=None, shell_edges=None) -> NoiseDecomposition:
     """Split one micrograph's noise variance among dose, ice, detector and artifacts.
 
     Parameters
@@ -145,6 +152,12 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
         The exposure's dose (metadata). With counting data it gives the ice's attenuation
         ``a`` (mean counts over electrons per pixel): thin ice would let ``1/a`` times the
         electrons through, which the ice's counterfactual gain includes.
+    particle_power : (shell_k, T), optional
+        The dataset's particle spectrum (:func:`particle_spectrum`, relative to the mean
+        count squared, on shells ``shell_k`` in 1/Å): the expected quality and the gains then
+        weigh the frequencies as the particles do, the lowest included.
+    shell_edges : (s + 1,) array, optional
+        The shells of ``shells`` in the result (default: 96 up to Nyquist).
 
     Returns
     -------
@@ -209,17 +222,27 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     attenuation = 1.0
     if counting and dose_e_per_A2 is not None and np.isfinite(dose_e_per_A2) and dose_e_per_A2 > 0:
         attenuation = float(np.clip(mean / (dose_e_per_A2 * pixel_size_A**2), 0.05, 1.0))
+    truth = None
+    if particle_power is not None:
+        shell_k, spectrum = (np.asarray(v, np.float64) for v in particle_power)
+        good = np.isfinite(spectrum)
+        if good.sum() >= 2:
+            scale = mean if counting else 1.0
+            truth = np.interp(k, shell_k[good], spectrum[good]) * scale**2
     gains = _counterfactual_gains(k, signal, {**spectra, "artifacts": np.zeros_like(k)}, params,
-                                  attenuation=attenuation)
+                                  attenuation=attenuation, truth=truth)
     # A covered pixel carries no signal: quality scales with the square root of what is kept.
     kept = max(1.0 - lost["artifacts"] - lost["detector"], 1e-6)
-    model = _quality_model(k, signal, params)
+    model = _quality_model(k, signal, params, truth)
     noise = sum(spectra.values()) - spectra["artifacts"]
     quality = model(noise)
     gains["artifacts"] = quality * (np.sqrt((kept + lost["artifacts"]) / kept) - 1.0)
     gains["detector"] += quality * (np.sqrt((kept + lost["detector"]) / kept) - 1.0)
+    shells = spectrum_shells(clean, params, pixel_size_A=pixel_size_A, shell_edges=shell_edges,
+                             power=power * clean.size)
     return NoiseDecomposition(variance={c: float(variance[c]) for c in NOISE_CAUSES}, gain=gains,
                               counting=counting, band_shares=_band_shares(k, spectra),
+                              shells=shells, scale=mean if counting else 1.0,
                               parameters={"white": (white_measured, white_error),
                                           "ice_scale": (ice_scale, ice_error)},
                               quality=quality * np.sqrt(kept),
@@ -320,7 +343,7 @@ def _mean_ctf2(k, params):
     return (ctf_2d(ky, kx, params, with_envelope=False) ** 2).mean(axis=0)
 
 
-def _quality_model(k, signal, params):
+def _quality_model(k, signal, params, truth=None):
     """``q(N)``: the correlation a Wiener restoration is expected to reach with the CTF-free
     truth, given the noise power ``N`` on the shells ``k``.
 
@@ -329,15 +352,18 @@ def _quality_model(k, signal, params):
     ice's own structure left out). Below the CTF's first maximum the spectrum cannot tell
     the particles' power from other slowly varying power (thickness, gain), and the
     particles' power there is taken as at the first maximum. The envelope is not undone:
-    what the micrograph does not carry is not counted as truth to be recovered.
+    what the micrograph does not carry is not counted as truth to be recovered. ``truth``
+    (on the shells ``k``, image units) replaces ``S``, e.g. the dataset's particle spectrum
+    (:func:`particle_spectrum`), which knows the lowest frequencies.
     """
     band = k > 1.0 / 200.0
     particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
     lam = electron_wavelength_A(params.voltage_kV)
     mean_defocus = max(0.5 * (params.defocus_u_A + params.defocus_v_A), 1.0)
     first_maximum = np.sqrt(1.0 / (2.0 * lam * mean_defocus))
-    j = min(int(np.searchsorted(k, first_maximum)), k.size - 1)
-    truth = np.where(k < first_maximum, particles[j], particles)
+    if truth is None:
+        j = min(int(np.searchsorted(k, first_maximum)), k.size - 1)
+        truth = np.where(k < first_maximum, particles[j], particles)
     ctf2 = _mean_ctf2(k, params)
     s, t, c2, w = truth[band], truth[band], ctf2[band], k[band]
     denominator = float((w * t).sum())
@@ -355,16 +381,127 @@ def _quality_model(k, signal, params):
     return quality
 
 
-def _counterfactual_gains(k, signal, spectra, params, attenuation=1.0):
+def _counterfactual_gains(k, signal, spectra, params, attenuation=1.0, truth=None):
     """Predicted gain in restoration quality (:func:`_quality_model`) with each cause at its
     ideal: ``q`` without its noise minus ``q`` with it; twice the dose for ``dose``; for
     ``ice`` also the electrons its attenuation ``a`` stopped (relative to the signal, shot
     noise then scales by ``a``).
     """
-    quality = _quality_model(k, signal, params)
+    quality = _quality_model(k, signal, params, truth)
     total = sum(spectra.values())
     base = quality(total)
     ideal = {c: total - spectra[c] for c in NOISE_CAUSES}
     ideal["dose"] = total - 0.5 * spectra["dose"]
     ideal["ice"] = ideal["ice"] - (1.0 - attenuation) * spectra["dose"]
     return {c: quality(ideal[c]) - base for c in NOISE_CAUSES}
+
+
+def spectrum_shells(image, params: CTFParams | None, *, pixel_size_A: float, shell_edges=None, power=None):
+    """A micrograph's mean periodogram and mean CTF² in shells (for :func:`particle_spectrum`).
+
+    Parameters
+    ----------
+    image : (ny, nx) array
+    params : CTFParams or None
+        Without a CTF the CTF² row is NaN.
+    pixel_size_A : float
+    shell_edges : (s + 1,) array, optional
+        Shell edges in 1/Å; default 96 shells from 0 to Nyquist. Shells beyond Nyquist are NaN.
+    power : (ny, nx // 2 + 1) array, optional
+        The periodogram, ``|rfft2(image - mean)|² / size``, when the caller has it.
+
+    Returns
+    -------
+    (2, s) array
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if power is None:
+        f = np.fft.rfft2(x - x.mean())
+        power = (f.real.astype(np.float64) ** 2 + f.imag.astype(np.float64) ** 2) / x.size
+    ky, kx = frequency_grid(x.shape, pixel_size_A, layout="rfft", dtype=np.float64)
+    kk = (np.sqrt(ky**2 + kx**2) + 0 * kx).ravel()
+    if shell_edges is None:
+        shell_edges = np.linspace(0.0, 0.5 / pixel_size_A, 97)
+    shell_edges = np.asarray(shell_edges, np.float64)
+    n_shells = shell_edges.size - 1
+    out = np.full((2, n_shells), np.nan)
+    index = np.searchsorted(shell_edges, kk, side="right") - 1
+    inside = (index >= 0) & (index < n_shells)
+    counts = np.bincount(index[inside], minlength=n_shells)
+    filled = counts > 0
+    out[0, filled] = (np.bincount(index[inside], np.asarray(power).ravel()[inside], n_shells) / np.maximum(counts, 1))[filled]
+    if params is not None:
+        ctf2 = (ctf_2d(ky + 0 * kx, kx + 0 * ky, params, with_envelope=False) ** 2).ravel()
+        out[1, filled] = (np.bincount(index[inside], ctf2[inside], n_shells) / np.maximum(counts, 1))[filled]
+    return out
+
+
+
+
+def particle_spectrum(power, ctf2, scale):
+    """The specimen's power spectrum shared by a dataset's micrographs (a reduction).
+
+    Every micrograph of a dataset images the same specimen: in each shell its periodogram
+    is ``P_i = scale_i² (b + T·CTF²_i) + scale_i·w`` -- the particles' power ``T`` through
+    its own CTF, a slowly varying background ``b`` that does not follow the CTF
+    (thickness, gain), and white shot noise ``w``, for counts with mean ``scale_i``. With
+    defoci that differ, the regression of ``P_i / scale_i²`` on ``CTF²_i`` across the
+    micrographs finds ``T`` even where a single micrograph's CTF is too weak to show it
+    (at the lowest frequencies, where most of a particle's power lies).
+
+    Parameters
+    ----------
+    power, ctf2 : (n, s) arrays
+        Each micrograph's mean periodogram and mean CTF² per shell (NaN: not measured).
+    scale : (n,) array
+        Each micrograph's mean count (1 for data that are not counts).
+
+    Returns
+    -------
+    (s,) array
+        ``T`` per shell, >= 0, in (image units / scale)² per Fourier pixel; NaN where fewer
+        than 3 micrographs measure the shell.
+    """
+    power = np.asarray(power, np.float64)
+    ctf2 = np.asarray(ctf2, np.float64)
+    scale = np.asarray(scale, np.float64)
+    out = np.full(power.shape[1], np.nan)
+    for j in range(power.shape[1]):
+        ok = np.isfinite(power[:, j]) & np.isfinite(ctf2[:, j]) & (scale > 0)
+        if ok.sum() < 3 or np.ptp(ctf2[ok, j]) <= 0:
+            continue
+        y = power[ok, j] / scale[ok] ** 2
+        design = np.column_stack([np.ones(ok.sum()), ctf2[ok, j], 1.0 / scale[ok]])
+        if np.ptp(scale[ok]) == 0:
+            design = design[:, :2]
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        out[j] = max(float(coef[1]), 0.0)
+    return out
+
+
+def dataset_quality(power, ctf2, scale, spectrum, k, *, k_max=None, k_min: float = 1.0 / 200.0):
+    """Each micrograph's expected restoration quality from the dataset's particle spectrum.
+
+    In each shell the share of the micrograph's observed power that is particle signal,
+    ``h_i = scale_i² T CTF²_i / P_i`` (clipped to [0, 1]), is what a Wiener filter
+    recovers there; ``q_i = sqrt(Σ k T h_i / Σ k T)`` over ``k_min``-Nyquist is the
+    correlation with the CTF-free truth it is expected to reach (shells weighted by their
+    Fourier pixels and the truth's power). With ``k_max`` (per micrograph, 1/Å) only the
+    shells up to it count as restored.
+    """
+    power = np.asarray(power, np.float64)
+    ctf2 = np.asarray(ctf2, np.float64)
+    scale = np.asarray(scale, np.float64)[:, None]
+    t = np.where(np.isfinite(spectrum), spectrum, 0.0)[None, :]
+    k = np.asarray(k, np.float64)[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        h = np.clip(scale**2 * t * ctf2 / power, 0.0, 1.0)
+    h = np.where(np.isfinite(h), h, 0.0)
+    band = np.broadcast_to(k > k_min, h.shape)
+    if k_max is not None:
+        band = band & (k <= np.asarray(k_max, np.float64)[:, None])
+    weight = k * t * (k > k_min)
+    denominator = weight.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.sqrt((weight * h * band).sum(axis=1) / denominator)
+    return np.where((denominator > 0) & np.isfinite(power).any(axis=1) & np.isfinite(ctf2).any(axis=1), q, np.nan)

@@ -373,21 +373,27 @@ def cmd_ctf(args) -> None:
         print(f"{str(row['micrograph_name'].values)[-40:]:<40} {float(row['defocus_u_A']):>10.0f} "
               f"{float(row['defocus_v_A']):>10.0f} {float(row['defocus_angle_deg']):>7.1f} "
               f"{float(row['ctf_cc']):>7.3f} {float(row['ctf_fit_resolution_A']):>8.2f}{flag}")
-    if "n_hot_pixels" in table:
-        print(f"cleaned in memory: hot pixels {int(table['n_hot_pixels'].sum())}, X-ray pixels "
-              f"{int(table['n_xray_pixels'].sum())}, defect pixels {int(table['n_defect_pixels'].sum())} "
-              f"over {n} micrographs (--no-clean turns this off)")
-        excluded = (table["region_fraction_vacuum"] + table["region_fraction_contamination"]).values
-        for name, fraction in zip(table["micrograph_name"].values, excluded):
-            if fraction > 0.5:
-                print(f"warning: {name}: {100 * fraction:.0f} % of it is vacuum or contamination, "
-                      "left out of its spectrum", file=sys.stderr)
+    _report_cleaning(table, n)
     bad = int((~table["ctf_reliable"]).sum())
     if bad:
         print(f"warning: {bad} of {n} micrographs show no significant Thon rings; their CTF "
               "values are not to be trusted (rlnCtfFigureOfMerit is low)", file=sys.stderr)
     print(f"estimated {n} CTFs in {elapsed:.1f} s ({elapsed / n:.2f} s per micrograph) -> {args.out}"
           + (f" and {store}" if store else ""))
+
+
+def _report_cleaning(table, n) -> None:
+    """Say what the in-memory cleaning did, and warn about micrographs that are mostly excluded."""
+    if "n_hot_pixels" not in table:
+        return
+    print(f"cleaned in memory: hot pixels {int(table['n_hot_pixels'].sum())}, X-ray pixels "
+          f"{int(table['n_xray_pixels'].sum())}, defect pixels {int(table['n_defect_pixels'].sum())} "
+          f"over {n} micrographs (--no-clean turns this off)")
+    excluded = (table["region_fraction_vacuum"] + table["region_fraction_contamination"]).values
+    for name, fraction in zip(table["micrograph_name"].values, excluded):
+        if fraction > 0.5:
+            print(f"warning: {name}: {100 * fraction:.0f} % of it is vacuum or contamination, "
+                  "left out of its spectrum", file=sys.stderr)
 
 
 def cmd_clean(args) -> None:
@@ -452,8 +458,8 @@ def cmd_restore(args) -> None:
             from cryodask.clean import clean_for_fitting
 
             gain, known = _gain_and_defects(args, (ds.sizes["y"], ds.sizes["x"]))
-            work, exclude, _ = clean_for_fitting(ds, gain_reference=gain, defects=known)
-            ctf = pipeline.estimate_ctf_dataset(work, exclude=exclude)
+            work, exclude, extra = clean_for_fitting(ds, gain_reference=gain, defects=known)
+            ctf = xr.merge([pipeline.estimate_ctf_dataset(work, exclude=exclude), extra])
         # The CTF is computed first (small); restoring then reads each micrograph once more.
         (ctf,) = progress.compute(ctf)
         restored = pipeline.restore_dataset(work, ctf, method=args.method)
@@ -472,6 +478,7 @@ def cmd_restore(args) -> None:
                           "amplitude_contrast"]].compute(), ctf])
     write_ctf_star(table, os.path.join(args.out_dir, "micrographs_ctf.star"))
     n = ds.sizes["micrograph"]
+    _report_cleaning(table, n)
     bad = int((~ctf["ctf_reliable"]).sum())
     if bad:
         print(f"warning: {bad} of {n} micrographs have no reliable CTF fit; check them before use",
@@ -483,6 +490,7 @@ def cmd_restore(args) -> None:
 def cmd_noise(args) -> None:
     import numpy as np
     import pandas as pd
+    import xarray as xr
 
     from cryodask import pipeline, progress
     from cryodask.causal import NOISE_CAUSES
@@ -512,6 +520,9 @@ def cmd_noise(args) -> None:
         gains = {c: row[f"gain_{c}"] for c in NOISE_CAUSES if c != "dose"}
         finite = {c: g for c, g in gains.items() if np.isfinite(g)}
         row["top_cause"] = max(finite, key=finite.get) if finite else ""
+        for name in ("n_hot_pixels", "n_xray_pixels", "n_defect_pixels"):
+            row[name] = int(ctf[name][i])
+        row["ctf_reliable"] = bool(ctf["ctf_reliable"][i])
         rows.append(row)
     table = pd.DataFrame(rows)
     directory = os.path.dirname(os.path.abspath(args.out))
@@ -520,6 +531,13 @@ def cmd_noise(args) -> None:
     table.to_csv(tmp, index=False, float_format="%.6g")
     os.replace(tmp, args.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    _report_cleaning(xr.merge([ds[["micrograph_name"]], ctf]), len(table))
+    unreliable = int((~ctf["ctf_reliable"]).sum())
+    if unreliable:
+        print(f"warning: {unreliable} of {len(table)} micrographs have no reliable CTF fit; their "
+              "decomposition is not to be trusted", file=sys.stderr)
+    if "particle_spectrum" in noise:
+        print("the particles' power spectrum was learned from the whole dataset (the sample node)")
     for name in ("white", "ice_scale"):
         if f"prior_{name}" in noise:
             a = noise[f"prior_{name}"].attrs

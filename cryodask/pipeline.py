@@ -259,16 +259,21 @@ def restore_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, method: str = "wiener",
     return restored.rename("image_restored").assign_attrs(method=method, sign="protein positive")
 
 
+#: Shells of the particle spectrum (from 0 to the dataset's Nyquist frequency).
+N_SHELLS = 96
+
+
 def _n_noise_fields():
     from cryodask.causal import BANDS_A, NOISE_CAUSES
 
     # variance, gain and band shares per cause; white and ice_scale with their errors;
-    # the expected quality, in all and up to the CTF fit's resolution.
-    return (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4 + 2
+    # the expected quality, in all and up to the CTF fit's resolution; the scale and the
+    # shells (power, CTF²) of the particle spectrum.
+    return (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4 + 2 + 1 + 2 * N_SHELLS
 
 
 def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution, dose, white, ice_scale,
-                 gain, defects):
+                 gain, defects, shell_edges, particle_power):
     from cryodask.causal import NOISE_CAUSES, decompose_noise
     from cryodask.physics import CTFParams
 
@@ -286,15 +291,17 @@ def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution,
         found = decompose_noise(images[i], params, pixel_size_A=float(pixel[i]),
                                 gain_estimate=gain if gain.ndim == 2 else None,
                                 defects=defects > 0 if defects.ndim == 2 else None, fixed=fixed,
-                                dose_e_per_A2=float(dose[i]))
+                                dose_e_per_A2=float(dose[i]), shell_edges=shell_edges,
+                                particle_power=particle_power)
         out[i] = ([found.variance[c] for c in NOISE_CAUSES] + [found.gain[c] for c in NOISE_CAUSES]
                   + [v for c in NOISE_CAUSES for v in found.band_shares[c]]
                   + [*found.parameters["white"], *found.parameters["ice_scale"]]
-                  + [found.quality, found.quality_model(1.0 / resolution[i]) if resolution[i] > 0 else np.nan])
+                  + [found.quality, found.quality_model(1.0 / resolution[i]) if resolution[i] > 0 else np.nan]
+                  + [found.scale] + list(found.shells.ravel()))
     return out
 
 
-def _noise_fields(ds, ctf, gain, known, white, ice_scale):
+def _noise_fields(ds, ctf, gain, known, white, ice_scale, particle_power=None):
     image = ds["image"]
     check_image_chunks(image)
     chunks = image.chunks[0] if image.chunks is not None else None
@@ -313,7 +320,9 @@ def _noise_fields(ds, ctf, gain, known, white, ice_scale):
         input_core_dims=[["y", "x"]] + [[]] * len(scalars), output_core_dims=[["noise_field"]],
         dask="parallelized", output_dtypes=[np.float64],
         dask_gufunc_kwargs={"output_sizes": {"noise_field": n_fields}},
-        kwargs={"gain": gain, "defects": known}, keep_attrs=False)
+        kwargs={"gain": gain, "defects": known, "particle_power": particle_power,
+                "shell_edges": np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)},
+        keep_attrs=False)
 
 
 def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defects=None,
@@ -327,10 +336,12 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     gain_estimate, defects : (y, x) arrays, optional
         From :func:`cryodask.clean.measure_defects`.
     prior : bool
-        Fit dataset priors of the white noise level and the amount of ice
-        (:func:`cryodask.prior.fit_prior`, computing a first pass now) and decompose each
-        micrograph with its posterior values. The priors' centre, spread, iterations and
-        final drift are in the attributes of ``prior_white`` and ``prior_ice_scale``.
+        Learn from the whole dataset first (computing a first pass now): dataset priors of
+        the white noise level and the amount of ice (:func:`cryodask.prior.fit_prior`; their
+        centre, spread, iterations and final drift are in the attributes of ``prior_white``
+        and ``prior_ice_scale``), and the particles' power spectrum shared by the
+        micrographs (:func:`cryodask.causal.particle_spectrum`, variable
+        ``particle_spectrum``); then decompose each micrograph under them.
 
     Returns
     -------
@@ -341,7 +352,7 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         :data:`cryodask.causal.NOISE_CAUSES` (NaN where there is no CTF).
     """
     from cryodask import progress
-    from cryodask.causal import BANDS_A, NOISE_CAUSES
+    from cryodask.causal import BANDS_A, NOISE_CAUSES, particle_spectrum
     from cryodask.prior import fit_prior
 
     gain = np.zeros(0) if gain_estimate is None else np.asarray(gain_estimate, np.float32)
@@ -352,9 +363,14 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     n = len(NOISE_CAUSES)
     first_param = (2 + len(BANDS_A)) * n
     priors = {}
+    spectrum = None
+    first_shell = first_param + 7
     if prior:
-        (measured,) = progress.compute(result.isel(noise_field=slice(first_param, first_param + 4)))
-        values = np.asarray(measured)
+        (measured,) = progress.compute(result.isel(noise_field=slice(first_param, None)))
+        measured = np.asarray(measured)
+        values = measured[:, :4]
+        shells = measured[:, 7:].reshape(n_micrographs, 2, N_SHELLS)
+        spectrum = particle_spectrum(shells[:, 0], shells[:, 1], measured[:, 6])
         fixed = []
         for j, name in enumerate(("white", "ice_scale")):
             estimates, errors = values[:, 2 * j], values[:, 2 * j + 1]
@@ -364,7 +380,9 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
                 fixed.append(fit.values)
             else:
                 fixed.append(unfixed)
-        result = _noise_fields(ds, ctf, gain, known, *fixed)
+        edges = np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        result = _noise_fields(ds, ctf, gain, known, *fixed, particle_power=(centres, spectrum))
     out = xr.Dataset()
     total = result.isel(noise_field=slice(0, n)).sum("noise_field")
     for i, cause in enumerate(NOISE_CAUSES):
@@ -385,6 +403,15 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
             out[f"prior_{name}"] = xr.DataArray(fit.values.astype(np.float32), dims=("micrograph",)).assign_attrs(
                 prior_mean=fit.mean, prior_spread=fit.spread, iterations=fit.iterations,
                 drift_in_standard_errors=fit.drift, converged=int(fit.converged))
+    out["shell_scale"] = result.isel(noise_field=first_param + 6, drop=True)
+    out["shell_power"] = result.isel(noise_field=slice(first_shell, first_shell + N_SHELLS)).rename(
+        noise_field="shell_k")
+    out["shell_ctf2"] = result.isel(noise_field=slice(first_shell + N_SHELLS, None)).rename(noise_field="shell_k")
+    edges = np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)
+    out = out.assign_coords(shell_k=("shell_k", 0.5 * (edges[1:] + edges[:-1]), {"units": "1/Å"}))
+    if spectrum is not None:
+        out["particle_spectrum"] = ("shell_k", spectrum, {
+            "meaning": "the particles' power shared by the dataset, per Fourier pixel, over the mean count squared"})
     out["quality_predicted"] = result.isel(noise_field=first_param + 4, drop=True).astype(np.float32).assign_attrs(
         meaning="correlation with the CTF-free truth a Wiener restoration is expected to reach")
     out["quality_predicted_to_fit"] = result.isel(noise_field=first_param + 5, drop=True).astype(
@@ -394,13 +421,12 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
 
 
 def _measure_block(raw, cleaned, exclude, u, v, angle, voltage, cs, ac, phase, pixel, *, search, defects,
-                   descriptor_k, shell_edges):
+                   descriptor_k):
     from cryodask.physics import CTFParams
     from cryodask.score import MEASUREMENTS, measure_micrograph
 
     n = len(MEASUREMENTS)
-    m = len(descriptor_k)
-    out = np.full((raw.shape[0], n + m + 2 * (len(shell_edges) - 1)), np.nan)
+    out = np.full((raw.shape[0], n + len(descriptor_k)), np.nan)
     for i in range(raw.shape[0]):
         params = None
         if np.isfinite(u[i]):
@@ -408,13 +434,12 @@ def _measure_block(raw, cleaned, exclude, u, v, angle, voltage, cs, ac, phase, p
                                defocus_angle_deg=float(angle[i]), voltage_kV=float(voltage[i]),
                                cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]),
                                phase_shift_deg=float(phase[i]))
-        found, descriptor, shells = measure_micrograph(
+        found, descriptor = measure_micrograph(
             raw[i], cleaned[i], params, pixel_size_A=float(pixel[i]), search=search,
             exclude=exclude[i] if exclude.ndim == 3 else None,
-            defects=defects if defects.ndim == 2 else None, descriptor_k=descriptor_k, shell_edges=shell_edges)
+            defects=defects if defects.ndim == 2 else None, descriptor_k=descriptor_k)
         out[i, :n] = [found[name] for name in MEASUREMENTS]
-        out[i, n:n + m] = descriptor
-        out[i, n + m:] = shells.ravel()
+        out[i, n:] = descriptor
     return out
 
 
@@ -423,9 +448,8 @@ def score_measurements(raw: xr.Dataset, work: xr.Dataset, ctf: xr.Dataset, *, ex
     """The per-micrograph measurements of :func:`cryodask.score.measure_micrograph` (lazy).
 
     ``raw`` holds the images as recorded, ``work`` the same cleaned (or ``raw`` again).
-    Returns the variables of :data:`cryodask.score.MEASUREMENTS`, ``descriptor
-    (micrograph, descriptor_k)``, and ``shell_power`` and ``shell_ctf2`` ``(micrograph,
-    shell_k)`` on 96 shells up to the dataset's lowest Nyquist frequency.
+    Returns the variables of :data:`cryodask.score.MEASUREMENTS` and ``descriptor
+    (micrograph, descriptor_k)``.
     """
     from cryodask.score import MEASUREMENTS
 
@@ -435,8 +459,6 @@ def score_measurements(raw: xr.Dataset, work: xr.Dataset, ctf: xr.Dataset, *, ex
     pixel = float(np.max(np.asarray(raw["pixel_size_A"])))
     if descriptor_k is None:
         descriptor_k = np.geomspace(1.0 / 100.0, 0.9 * 0.5 / pixel, 24)
-    shell_edges = np.linspace(0.0, 0.5 / pixel, 97)
-    n_shells = shell_edges.size - 1
     names = [("defocus_u_A", ctf), ("defocus_v_A", ctf), ("defocus_angle_deg", ctf),
              ("voltage_kV", raw), ("cs_mm", raw), ("amplitude_contrast", raw), ("phase_shift_deg", ctf),
              ("pixel_size_A", raw)]
@@ -454,19 +476,13 @@ def score_measurements(raw: xr.Dataset, work: xr.Dataset, ctf: xr.Dataset, *, ex
         _measure_block, raw["image"], work["image"], exclude, *scalars,
         input_core_dims=[["y", "x"], ["y", "x"], exclude_dims] + [[]] * len(scalars),
         output_core_dims=[["measure_field"]], dask="parallelized", output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"output_sizes": {"measure_field": n + len(descriptor_k) + 2 * n_shells}},
-        kwargs={"search": search, "defects": known, "descriptor_k": np.asarray(descriptor_k),
-                "shell_edges": shell_edges},
+        dask_gufunc_kwargs={"output_sizes": {"measure_field": n + len(descriptor_k)}},
+        kwargs={"search": search, "defects": known, "descriptor_k": np.asarray(descriptor_k)},
         keep_attrs=False)
     out = xr.Dataset({name: result.isel(measure_field=i, drop=True) for i, name in enumerate(MEASUREMENTS)})
-    m = n + len(descriptor_k)
-    out["descriptor"] = result.isel(measure_field=slice(n, m)).rename(measure_field="descriptor_k").astype(
+    out["descriptor"] = result.isel(measure_field=slice(n, None)).rename(measure_field="descriptor_k").astype(
         np.float32)
-    out["shell_power"] = result.isel(measure_field=slice(m, m + n_shells)).rename(measure_field="shell_k")
-    out["shell_ctf2"] = result.isel(measure_field=slice(m + n_shells, None)).rename(measure_field="shell_k")
-    centres = 0.5 * (shell_edges[1:] + shell_edges[:-1])
-    return out.assign_coords(descriptor_k=("descriptor_k", np.asarray(descriptor_k), {"units": "1/Å"}),
-                             shell_k=("shell_k", centres, {"units": "1/Å"}))
+    return out.assign_coords(descriptor_k=("descriptor_k", np.asarray(descriptor_k), {"units": "1/Å"}))
 
 
 def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=None, weights=None,
@@ -513,9 +529,10 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     from cryodask import progress
     from cryodask.causal import NOISE_CAUSES
     from cryodask.clean import MIN_DATASET_MICROGRAPHS, clean_for_fitting, measure_defects
-    from cryodask.score import (COMPONENTS, ICE_MEAN_FREE_PATH_A, RULES, RuleLimits, combine, dataset_quality,
-                                default_weights, evaluate_rules, hyperscore, impact_forecast, logic_score,
-                                novelty, particle_spectrum, prior_stability)
+    from cryodask.causal import dataset_quality
+    from cryodask.score import (COMPONENTS, ICE_MEAN_FREE_PATH_A, RULES, RuleLimits, combine, default_weights,
+                                evaluate_rules, hyperscore, impact_forecast, logic_score, novelty,
+                                prior_stability)
 
     limits = limits or RuleLimits.from_search(search)
     weights = weights or default_weights()
@@ -577,17 +594,14 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     # The sample node across the dataset: the particles' spectrum, and each micrograph's
     # expected restoration quality from it (its own fit's when the dataset is too small).
     power, ctf2 = np.asarray(out["shell_power"]), np.asarray(out["shell_ctf2"])
-    scale = np.where(np.asarray(out["counting"]) > 0, np.asarray(out["mean_counts"]), 1.0)
-    shell_k = np.asarray(out["shell_k"])
+    scale, shell_k = np.asarray(out["shell_scale"]), np.asarray(out["shell_k"])
     quality, quality_fit = np.asarray(out["quality_predicted"]), np.asarray(out["quality_predicted_to_fit"])
-    if n >= MIN_DATASET_MICROGRAPHS:
-        spectrum = particle_spectrum(power, ctf2, scale)
+    if "particle_spectrum" in out:
+        spectrum = np.asarray(out["particle_spectrum"])
         quality = dataset_quality(power, ctf2, scale, spectrum, shell_k)
         with np.errstate(divide="ignore"):
             k_fit = 1.0 / np.asarray(ctf["ctf_fit_resolution_A"], np.float64)
         quality_fit = dataset_quality(power, ctf2, scale, spectrum, shell_k, k_max=np.nan_to_num(k_fit, nan=0.0))
-        out["particle_spectrum"] = ("shell_k", spectrum, {
-            "meaning": "the particles' power shared by the dataset, per Fourier pixel, over the mean count squared"})
     out["quality_expected"] = ("micrograph", quality, {
         "meaning": "expected correlation of the Wiener restoration with the CTF-free truth"})
     area = shape[0] * shape[1] * pixel**2

@@ -58,8 +58,7 @@ __all__ = [
     "learn_weights",
     "measure_micrograph",
     "MEASUREMENTS",
-    "dataset_quality",
-    "particle_spectrum",
+
     "novelty",
     "prior_stability",
     "select",
@@ -214,7 +213,7 @@ def ice_ring_position(k, power, *, scales=np.geomspace(0.6, 1.6, 200), widths=(0
 
 def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: float,
                        search: CTFSearch = CTFSearch(), exclude=None, defects=None,
-                       descriptor_k=None, shell_edges=None) -> tuple[dict, np.ndarray, np.ndarray]:
+                       descriptor_k=None) -> tuple[dict, np.ndarray]:
     """The measurements the rules, ΔRepro and Novelty need, for one micrograph.
 
     Parameters
@@ -235,8 +234,6 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
     descriptor_k : (m,) array, optional
         Frequencies (1/Å) of the descriptor's radial profile; default 24 from 1/100 Å^-1 to
         0.9 Nyquist.
-    shell_edges : (s + 1,) array, optional
-        Edges (1/Å) of the shells of ``shells``; default 96 from 0 to Nyquist.
 
     Returns
     -------
@@ -244,9 +241,6 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
         The keys of :data:`MEASUREMENTS` (NaN where one does not apply).
     descriptor : (m,) float32 array
         The log radial power spectrum on ``descriptor_k``, its mean removed.
-    shells : (2, s) array
-        The mean periodogram and the mean CTF² in each shell (NaN where a shell is beyond
-        Nyquist, or the CTF unknown), for :func:`particle_spectrum`.
     """
     from cryodask.artifacts import find_impulses
     from cryodask.restore import fit_signal_noise
@@ -287,23 +281,11 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
     log_profile = np.log(np.maximum(profile, 1e-30))
     d = np.interp(np.asarray(descriptor_k, np.float64), k_profile[usable], log_profile[usable])
     descriptor = (d - d.mean()).astype(np.float32)
-    if shell_edges is None:
-        shell_edges = np.linspace(0.0, nyquist, 97)
-    shell_edges = np.asarray(shell_edges, np.float64)
-    n_shells = shell_edges.size - 1
-    shells = np.full((2, n_shells), np.nan)
-    index = np.searchsorted(shell_edges, kk.ravel(), side="right") - 1
-    inside = (index >= 0) & (index < n_shells)
-    counts = np.bincount(index[inside], minlength=n_shells)
-    filled = counts > 0
-    shells[0, filled] = (np.bincount(index[inside], power.ravel()[inside], n_shells) / np.maximum(counts, 1))[filled]
     if params is None:
-        return out, descriptor, shells
+        return out, descriptor
     from cryodask.physics import ctf_2d
 
     ctf2_2d = ctf_2d(ky + 0 * kx, kx + 0 * ky, params, with_envelope=False) ** 2
-    shells[1, filled] = (np.bincount(index[inside], ctf2_2d.ravel()[inside], n_shells)
-                         / np.maximum(counts, 1))[filled]
 
     # Thon rings sector by sector.
     sectors = check_sectors(x, params, pixel_size_A=pixel_size_A, search=search, exclude=exclude)
@@ -345,79 +327,7 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
         mean = 0.5 * (params.defocus_u_A + params.defocus_v_A)
         if np.isfinite(refit.mean_defocus_A):
             out["refit_defocus_change"] = abs(refit.mean_defocus_A - mean) / mean
-    return out, descriptor, shells
-
-
-# --- the sample node across the dataset ---------------------------------------------------------
-
-
-def particle_spectrum(power, ctf2, scale):
-    """The specimen's power spectrum shared by a dataset's micrographs (a reduction).
-
-    Every micrograph of a dataset images the same specimen: in each shell its periodogram
-    is ``P_i = scale_i² (b + T·CTF²_i) + scale_i·w`` -- the particles' power ``T`` through
-    its own CTF, a slowly varying background ``b`` that does not follow the CTF
-    (thickness, gain), and white shot noise ``w``, for counts with mean ``scale_i``. With
-    defoci that differ, the regression of ``P_i / scale_i²`` on ``CTF²_i`` across the
-    micrographs finds ``T`` even where a single micrograph's CTF is too weak to show it
-    (at the lowest frequencies, where most of a particle's power lies).
-
-    Parameters
-    ----------
-    power, ctf2 : (n, s) arrays
-        Each micrograph's mean periodogram and mean CTF² per shell (NaN: not measured).
-    scale : (n,) array
-        Each micrograph's mean count (1 for data that are not counts).
-
-    Returns
-    -------
-    (s,) array
-        ``T`` per shell, >= 0, in (image units / scale)² per Fourier pixel; NaN where fewer
-        than 3 micrographs measure the shell.
-    """
-    power = np.asarray(power, np.float64)
-    ctf2 = np.asarray(ctf2, np.float64)
-    scale = np.asarray(scale, np.float64)
-    out = np.full(power.shape[1], np.nan)
-    for j in range(power.shape[1]):
-        ok = np.isfinite(power[:, j]) & np.isfinite(ctf2[:, j]) & (scale > 0)
-        if ok.sum() < 3 or np.ptp(ctf2[ok, j]) <= 0:
-            continue
-        y = power[ok, j] / scale[ok] ** 2
-        design = np.column_stack([np.ones(ok.sum()), ctf2[ok, j], 1.0 / scale[ok]])
-        if np.ptp(scale[ok]) == 0:
-            design = design[:, :2]
-        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-        out[j] = max(float(coef[1]), 0.0)
-    return out
-
-
-def dataset_quality(power, ctf2, scale, spectrum, k, *, k_max=None, k_min: float = 1.0 / 200.0):
-    """Each micrograph's expected restoration quality from the dataset's particle spectrum.
-
-    In each shell the share of the micrograph's observed power that is particle signal,
-    ``h_i = scale_i² T CTF²_i / P_i`` (clipped to [0, 1]), is what a Wiener filter
-    recovers there; ``q_i = sqrt(Σ k T h_i / Σ k T)`` over ``k_min``-Nyquist is the
-    correlation with the CTF-free truth it is expected to reach (shells weighted by their
-    Fourier pixels and the truth's power). With ``k_max`` (per micrograph, 1/Å) only the
-    shells up to it count as restored.
-    """
-    power = np.asarray(power, np.float64)
-    ctf2 = np.asarray(ctf2, np.float64)
-    scale = np.asarray(scale, np.float64)[:, None]
-    t = np.where(np.isfinite(spectrum), spectrum, 0.0)[None, :]
-    k = np.asarray(k, np.float64)[None, :]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        h = np.clip(scale**2 * t * ctf2 / power, 0.0, 1.0)
-    h = np.where(np.isfinite(h), h, 0.0)
-    band = np.broadcast_to(k > k_min, h.shape)
-    if k_max is not None:
-        band = band & (k <= np.asarray(k_max, np.float64)[:, None])
-    weight = k * t * (k > k_min)
-    denominator = weight.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        q = np.sqrt((weight * h * band).sum(axis=1) / denominator)
-    return np.where((denominator > 0) & np.isfinite(power).any(axis=1) & np.isfinite(ctf2).any(axis=1), q, np.nan)
+    return out, descriptor
 
 
 # --- rules -------------------------------------------------------------------------------------

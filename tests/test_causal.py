@@ -60,11 +60,13 @@ def test_cli_noise_writes_the_table(tmp_path):
     assert main(["noise", str(tmp_path / "n*.mrc"), "--out", str(tmp_path / "noise.csv")]) == 0
     table = pd.read_csv(tmp_path / "noise.csv")
     expected = (["micrograph"] + [f"share_{c}" for c in NOISE_CAUSES]
-                + [f"gain_{c}" for c in NOISE_CAUSES] + ["top_cause"])
+                + [f"gain_{c}" for c in NOISE_CAUSES] + ["top_cause", "n_hot_pixels", "n_xray_pixels",
+                                                         "n_defect_pixels", "ctf_reliable"])
     assert list(table.columns) == expected
     assert table["micrograph"].iloc[0] == str(tmp_path / "n0.mrc")
     np.testing.assert_allclose(table[[f"share_{c}" for c in NOISE_CAUSES]].sum(axis=1), 1.0, atol=1e-4)
     assert set(table["top_cause"]) <= {"ice", "detector", "artifacts"}
+    assert (table["n_hot_pixels"] >= 40).all()  # 50 hot pixels each, counted as corrected
 
 
 def test_band_shares_sum_to_one_and_ice_sits_at_high_frequency():

@@ -25,7 +25,7 @@ def _judge(raw, *, pixel_size_A=1.0, dose=40.0, limits=RuleLimits()):
     fit = estimate_ctf(cleaned, pixel_size_A=pixel_size_A, exclude=exclude, warn=False)
     params = (CTFParams(fit.defocus_u_A, fit.defocus_v_A, fit.defocus_angle_deg)
               if np.isfinite(fit.defocus_u_A) else None)
-    found, _, _ = measure_micrograph(raw, cleaned, params, pixel_size_A=pixel_size_A, exclude=exclude)
+    found, _ = measure_micrograph(raw, cleaned, params, pixel_size_A=pixel_size_A, exclude=exclude)
     row = dict(found, defocus_u_A=fit.defocus_u_A, defocus_v_A=fit.defocus_v_A, ctf_reliable=fit.reliable,
                ctf_cc=fit.cc, artifact_fraction=float(((mask == HOT_PIXEL) | (mask == XRAY)).mean()),
                excluded_fraction=float(exclude.mean()))
