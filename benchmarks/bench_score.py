@@ -135,7 +135,9 @@ def main(argv=None) -> int:
         for name, value in rows.items():
             print(f"  {name:<36} {value:+.3f}")
         predicted = (hyperscore(v, weights) - 100.0) / 100.0
-        print(f"HyperScore as quality: RMS error {np.sqrt(np.mean((predicted - quality) ** 2)):.3f}")
+        print(f"HyperScore - 100 against 100 x quality: RMS error {100 * np.sqrt(np.mean((predicted - quality) ** 2)):.1f}; "
+              f"HyperScore {hyperscore(v, weights).min():.1f}-{hyperscore(v, weights).max():.1f} for qualities "
+              f"{quality.min():.3f}-{quality.max():.3f}")
         results = {"spearman": rows, "weights": {"w": weights.w, "beta": weights.beta, "gamma": weights.gamma,
                                                  "kappa": weights.kappa},
                    "reproducible": again.w == weights.w, "count": args.count, "size": args.size}

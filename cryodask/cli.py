@@ -716,6 +716,21 @@ def cmd_demo(args) -> None:
               f"{star} ({t4 - t3:.1f} s); mean-defocus "
               f"error against the simulator's truth: median {np.median(error):.2f} %, worst "
               f"{error.max():.2f} %; {int((~ds['ctf_reliable'].values).sum())} flagged unreliable")
+        scores, _ = pipeline.score_dataset(ds)
+        numeric = ["logic", "novelty", "impact", "repro", "meta", "V", "hyperscore", "quality_expected"]
+        write_variables(scores[numeric], store, overwrite=True)
+        table = pd.DataFrame({"micrograph": [os.path.basename(str(n)) for n in ds["micrograph_name"].values],
+                              **{c: scores[c].values for c in ["hyperscore", "logic", "quality_expected",
+                                                               "top_cause", "failed_rules"]}})
+        table.to_csv(os.path.join(out, "scores.csv"), index=False, float_format="%.4g")
+        t5 = time.perf_counter()
+        ranked = table.sort_values("hyperscore", ascending=False)
+        print(f"5. scored them (rules, novelty, forecasts, V, HyperScore) -> {out}/scores.csv ({t5 - t4:.1f} s); "
+              "best and worst:")
+        for _, row in pd.concat([ranked.head(2), ranked.tail(2)]).iterrows():
+            print(f"   {row['micrograph']}: HyperScore {row['hyperscore']:.1f}, expected restored quality "
+                  f"{row['quality_expected']:.2f}, top cause {row['top_cause']}"
+                  + (f", failed {row['failed_rules']}" if row["failed_rules"] else ""))
     print()
     print(describe_store(store))
     print(f"\ndemo finished in {time.perf_counter() - start:.1f} s; results in {out}/")

@@ -7,6 +7,8 @@ and followed with Dask's text progress bar; otherwise Dask's local ``ProgressBar
 
 from __future__ import annotations
 
+import warnings
+
 import dask
 import dask.config
 
@@ -31,6 +33,14 @@ def compute(*objects, progress: bool | None = None):
     """
     if progress is None:
         progress = bool(dask.config.get("cryodask.progress", default=False))
+    with warnings.catch_warnings():
+        # A dataset's gain estimate and defect map (a few MB) ride along with the graph, once;
+        # distributed's hint about large graphs says nothing the user can act on.
+        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        return _compute(objects, progress)
+
+
+def _compute(objects, progress):
     if not progress:
         return dask.compute(*objects)
     client = _current_client()

@@ -655,7 +655,7 @@ def combine(components: dict, weights: ScoreWeights) -> np.ndarray:
 def hyperscore(v, weights: ScoreWeights) -> np.ndarray:
     """``HyperScore = 100·[1 + σ(β·ln V + γ)^κ]``, between 100 and 200."""
     v = np.maximum(np.asarray(v, np.float64), 1e-12)
-    z = weights.beta * np.log(v) + weights.gamma
+    z = np.clip(weights.beta * np.log(v) + weights.gamma, -500.0, 500.0)
     return 100.0 * (1.0 + (1.0 / (1.0 + np.exp(-z))) ** weights.kappa)
 
 
@@ -665,8 +665,10 @@ def learn_weights(components: dict, quality, *, n_trials: int = 300, seed: int =
 
     The weights maximise the Spearman correlation of V with ``quality`` (e.g. each
     micrograph's restored correlation with its simulated CTF-free truth); β, γ, κ then
-    make ``(HyperScore - 100) / 100`` match ``quality`` in least squares, so that a
-    HyperScore of 140 means a predicted quality of 0.4. Results repeat for a given seed.
+    give ``(HyperScore - 100) / 100`` the distribution of ``quality`` (least squares
+    between their sorted values), so that a HyperScore of 140 stands for a quality of 0.4
+    and a threshold keeps about the share of micrographs the same threshold on the true
+    quality would. Results repeat for a given seed.
 
     Parameters
     ----------
@@ -705,14 +707,17 @@ def learn_weights(components: dict, quality, *, n_trials: int = 300, seed: int =
     w = np.array([study.best_params[f"w{i + 1}"] for i in range(len(COMPONENTS))])
     w = w / w.sum()
     v = np.maximum(x @ w, 1e-12)
+    q_sorted = np.sort(q)
 
     def fit_objective(trial):
         beta = trial.suggest_float("beta", 0.05, 50.0, log=True)
         gamma = trial.suggest_float("gamma", -50.0, 50.0)
         kappa = trial.suggest_float("kappa", 0.1, 10.0, log=True)
-        z = beta * np.log(v) + gamma
+        z = np.clip(beta * np.log(v) + gamma, -500.0, 500.0)
         predicted = (1.0 / (1.0 + np.exp(-z))) ** kappa
-        return float(np.mean((predicted - q) ** 2))
+        # Quantile matching: the scores take the spread of the qualities, so that a
+        # threshold keeps the share of micrographs it would keep on the true quality.
+        return float(np.mean((np.sort(predicted) - q_sorted) ** 2))
 
     calib = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
     calib.optimize(fit_objective, n_trials=n_trials)

@@ -111,3 +111,38 @@ def test_noise_dataset_with_priors(tmp_path):
     assert attrs["converged"] == 1 and attrs["iterations"] < 200
     np.testing.assert_allclose(sum(noise[f"share_{c}"] for c in NOISE_CAUSES), 1.0, atol=1e-5)
     assert noise["band_share_ice"].dims == ("micrograph", "band")
+
+
+def test_particle_spectrum_is_recovered_across_defoci():
+    from cryodask.causal import dataset_quality, particle_spectrum
+
+    rng = np.random.default_rng(2)
+    n, shells = 20, 40
+    truth = np.geomspace(1e3, 1e-2, shells)  # steep, as a particle's power is
+    background = np.linspace(0.5, 0.1, shells)
+    scale = rng.uniform(20, 60, n)
+    ctf2 = rng.uniform(0.0, 1.0, (n, shells))
+    power = scale[:, None] ** 2 * (background + truth * ctf2) + scale[:, None] * 1.1
+    power *= rng.normal(1.0, 0.01, power.shape)  # periodogram shells of many pixels
+    found = particle_spectrum(power, ctf2, scale)
+    np.testing.assert_allclose(found[:20], truth[:20], rtol=0.1)
+    # The micrograph whose CTF passes most of the particles' power restores best.
+    k = np.linspace(0.01, 0.5, shells)
+    q = dataset_quality(power, ctf2, scale, found, k, k_min=0.0)
+    assert np.argmax(q) == np.argmax((k * truth * ctf2).sum(axis=1) / (k * truth).sum())
+    assert np.all((q >= 0) & (q <= 1))
+    # Fewer than 3 micrographs measure nothing.
+    assert np.isnan(particle_spectrum(power[:2], ctf2[:2], scale[:2])).all()
+
+
+def test_dataset_particle_spectrum_changes_the_gains():
+    state = detector_state(DETECTOR, (512, 512))
+    params = MicrographParams(shape=(512, 512), dose_e_per_A2=40, ice_thickness_A=800)
+    sim = simulate_micrograph(params, detector=state, seed=3)
+    alone = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0)
+    k = np.linspace(0.0, 0.5, 97)[1:] - 0.5 / 192
+    steep = 1e-2 * (0.02 / np.maximum(k, 0.005)) ** 3  # most power at the lowest frequencies
+    weighted = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, particle_power=(k, steep))
+    assert alone.shells.shape == (2, 96) and weighted.scale > 0
+    assert weighted.quality != pytest.approx(alone.quality)
+    assert set(weighted.gain) == set(alone.gain)
