@@ -223,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_file_acquisition(p)
     _add_cluster(p)
 
+    p = sub.add_parser("report", help="write a self-contained HTML report of a store",
+                       description="Plots of the dataset (CTF, causes of noise, scores) and of its best, worst "
+                                   "and named micrographs (raw, cleaned, restored; spectrum and CTF fit; artifact "
+                                   "mask; failed rules), embedded in one HTML file. Run 'cryodask score STORE' "
+                                   "first for the scores.")
+    p.add_argument("store")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--micrograph", nargs="+", default=(), metavar="NAME",
+                   help="also show these micrographs (names or their ends)")
+    p.add_argument("--best", type=int, default=2, help="how many of the best to show (default 2)")
+    p.add_argument("--worst", type=int, default=2, help="how many of the worst to show (default 2)")
+    p.add_argument("--threshold", type=float, default=140.0, help="HyperScore threshold to draw (default 140)")
+
     p = sub.add_parser("info", help="say what a store holds",
                        description="Print a store's dimensions, variables and acquisition values.")
     p.add_argument("store")
@@ -250,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "info": cmd_info,
                "demo": cmd_demo, "ctf": cmd_ctf, "clean": cmd_clean,
-               "restore": cmd_restore, "noise": cmd_noise, "score": cmd_score}[args.command]
+               "restore": cmd_restore, "noise": cmd_noise, "score": cmd_score,
+               "report": cmd_report}[args.command]
     try:
         with dask.config.set({"cryodask.progress": sys.stderr.isatty()}):
             handler(args)
@@ -573,13 +587,17 @@ def cmd_score(args) -> None:
         with np.load(args.reference) as lib:
             reference = {name: lib[name] for name in lib.files}
     with _with_cluster(args.cluster):
-        ds, _ = _open_inputs(args)
+        ds, store = _open_inputs(args)
         start = time.perf_counter()
         gain, known = (None, None) if args.no_clean else _gain_and_defects(args, (ds.sizes["y"], ds.sizes["x"]))
         scores, library = pipeline.score_dataset(ds, search=search, limits=limits, weights=weights,
                                                  gain_reference=gain, defects=known, clean=not args.no_clean,
                                                  reference=reference)
         elapsed = time.perf_counter() - start
+        if store is not None:
+            from cryodask.io.store import write_variables
+
+            write_variables(scores, store, overwrite=True)
     names = [str(n) for n in ds["micrograph_name"].values]
     columns = ["logic", "novelty", "impact", "repro", "meta", "V", "hyperscore", "failed_rules", "top_cause"]
     table = pd.DataFrame({"micrograph": names, **{c: scores[c].values for c in columns}})
@@ -617,6 +635,18 @@ def cmd_score(args) -> None:
         write_ctf_star(chosen, star, extra={"rlnMicrographIceThickness": np.nan_to_num(
             scores["ice_thickness_A"].values[keep], nan=-1.0)})
         print(f"selected {int(keep.sum())} of {len(table)} ({args.select}) -> {star}")
+
+
+def cmd_report(args) -> None:
+    from cryodask.io.store import open_dataset
+    from cryodask.report import write_report
+
+    if not _is_store(args.store):
+        raise CLIError(f"{args.store}: not a store (make one with 'cryodask ingest')")
+    ds = open_dataset(args.store)
+    path = write_report(ds, args.out, micrographs=args.micrograph, n_best=args.best, n_worst=args.worst,
+                        threshold=args.threshold, title=f"cryodask report: {os.path.basename(os.path.abspath(args.store))}")
+    print(f"report of {ds.sizes['micrograph']} micrographs -> {path}")
 
 
 def _plot_one(image, result, meta, search, path):
@@ -717,8 +747,7 @@ def cmd_demo(args) -> None:
               f"error against the simulator's truth: median {np.median(error):.2f} %, worst "
               f"{error.max():.2f} %; {int((~ds['ctf_reliable'].values).sum())} flagged unreliable")
         scores, _ = pipeline.score_dataset(ds)
-        numeric = ["logic", "novelty", "impact", "repro", "meta", "V", "hyperscore", "quality_expected"]
-        write_variables(scores[numeric], store, overwrite=True)
+        write_variables(scores, store, overwrite=True)
         table = pd.DataFrame({"micrograph": [os.path.basename(str(n)) for n in ds["micrograph_name"].values],
                               **{c: scores[c].values for c in ["hyperscore", "logic", "quality_expected",
                                                                "top_cause", "failed_rules"]}})
@@ -731,6 +760,10 @@ def cmd_demo(args) -> None:
             print(f"   {row['micrograph']}: HyperScore {row['hyperscore']:.1f}, expected restored quality "
                   f"{row['quality_expected']:.2f}, top cause {row['top_cause']}"
                   + (f", failed {row['failed_rules']}" if row["failed_rules"] else ""))
+        from cryodask.report import write_report
+
+        report = write_report(open_dataset(store), os.path.join(out, "report.html"), title="cryodask demo")
+        print(f"6. wrote the report -> {report} ({time.perf_counter() - t5:.1f} s)")
     print()
     print(describe_store(store))
     print(f"\ndemo finished in {time.perf_counter() - start:.1f} s; results in {out}/")

@@ -416,8 +416,8 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         meaning="correlation with the CTF-free truth a Wiener restoration is expected to reach")
     out["quality_predicted_to_fit"] = result.isel(noise_field=first_param + 5, drop=True).astype(
         np.float32).assign_attrs(meaning="the same, restoring only up to the CTF fit's resolution")
-    return out.assign_coords(band=("band", [f"{lo:g}-{hi:g} Å" if hi else f"{lo:g} Å-Nyquist"
-                                           for lo, hi in BANDS_A]))
+    return out.assign_coords(band=("band", np.array([f"{lo:g}-{hi:g} Å" if hi else f"{lo:g} Å-Nyquist"
+                                                     for lo, hi in BANDS_A], dtype=object)))
 
 
 def _measure_block(raw, cleaned, exclude, u, v, angle, voltage, cs, ac, phase, pixel, *, search, defects,
@@ -632,15 +632,21 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     dims = ("micrograph",)
     for name in RULES:
         out[f"rule_{name}"] = (dims, rule_values[name], {"description": RULES[name]})
-        out[f"reason_{name}"] = (dims, np.asarray(reasons[name], dtype=str))
-    out["failed_rules"] = (dims, np.asarray(failed, dtype=str))
+        out[f"reason_{name}"] = (dims, np.asarray(reasons[name], dtype=object))
+    out["failed_rules"] = (dims, np.asarray(failed, dtype=object))
     for name, values in components.items():
         out[name] = (dims, np.asarray(values, np.float64))
     out["V"] = (dims, v, {"weights": repr(weights.w)})
     out["hyperscore"] = (dims, hyperscore(v, weights), {"beta": weights.beta, "gamma": weights.gamma,
                                                         "kappa": weights.kappa})
-    out["top_cause"] = (dims, np.asarray(top, dtype=str))
+    out["top_cause"] = (dims, np.asarray(top, dtype=object))
     out["ice_thickness_A"] = (dims, thickness, {"units": "Å", "method": "attenuation of the counts (dose known)"})
     out["pixel_size_estimate_A"] = (dims, pixel_estimate, {"units": "Å", "method": "ice ring at 3.66 Å"})
+    if measured is not None:
+        from cryodask.clean import MIN_GAIN_MICROGRAPHS
+
+        out["defect_map"] = (("y", "x"), measured.defects.astype(np.uint8), {"codes": "1 defect"})
+        out["gain_estimate"] = (("y", "x"), measured.gain.astype(np.float32),
+                                {"applied": int(n >= MIN_GAIN_MICROGRAPHS)})
     out.attrs.update(components=", ".join(COMPONENTS), prior_drift=drift)
     return out, library
