@@ -63,3 +63,30 @@ def test_report_names_a_missing_micrograph(scored_store, tmp_path, capsys):
     assert main(["report", str(scored_store), "--out", str(tmp_path / "r.html"), "--micrograph", "nope.mrc"]) == 2
     assert "no micrograph named 'nope.mrc'" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(scored_store, tmp_path):
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs a browser: Debian's chromium (apt-get install chromium); CI installs it")
+    out = tmp_path / "report.html"
+    assert main(["report", str(scored_store), "--out", str(out)]) == 0
+    text = out.read_text()
+    expected = len(_images(text))
+    # A copy that, once loaded, writes into its title how many images it has and how many
+    # the browser decoded.
+    probe = ("<script>window.addEventListener('load', () => { const all = Array.from(document.images);"
+             " document.title = all.length + ' ' + all.filter(i => i.complete && i.naturalWidth > 0).length;"
+             " });</script></body>")
+    checked = tmp_path / "checked.html"
+    checked.write_text(text.replace("</body>", probe))
+    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                             "--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=120)
+    title = re.search(r"<title>([^<]*)</title>", result.stdout)
+    assert title, result.stderr[-2000:]
+    assert title.group(1) == f"{expected} {expected}"
+    assert expected >= 5
