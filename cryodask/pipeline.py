@@ -622,7 +622,9 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     gains = np.stack([np.asarray(out[f"gain_{c}"]) for c in NOISE_CAUSES if c != "dose"], axis=1)
     causes = [c for c in NOISE_CAUSES if c != "dose"]
     top = [causes[int(np.nanargmax(g))] if np.isfinite(g).any() else "" for g in gains]
-    counting = np.asarray(out["counting"]) > 0
+    # Thickness from attenuation only where the pixels are electron counts and the dose is
+    # consistent with them.
+    counting = rule_values["dose_matches_metadata"] == 1
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.asarray(out["mean_counts"]) / (dose * pixel**2)
         thickness = np.where(counting & np.isfinite(ratio) & (ratio > 0),
@@ -640,7 +642,8 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     out["hyperscore"] = (dims, hyperscore(v, weights), {"beta": weights.beta, "gamma": weights.gamma,
                                                         "kappa": weights.kappa})
     out["top_cause"] = (dims, np.asarray(top, dtype=object))
-    out["ice_thickness_A"] = (dims, thickness, {"units": "Å", "method": "attenuation of the counts (dose known)"})
+    out["ice_thickness_A"] = (dims, thickness, {"units": "Å", "method": "attenuation of the counts (dose known), "
+                                                "mean free path 3200 Å; NaN where the pixels are not counts"})
     out["pixel_size_estimate_A"] = (dims, pixel_estimate, {"units": "Å", "method": "ice ring at 3.66 Å"})
     if measured is not None:
         from cryodask.clean import MIN_GAIN_MICROGRAPHS
