@@ -9,6 +9,7 @@ from cryodask.ctf import CTFFit, CTFSearch, estimate_ctf
 from cryodask.ingest import IngestError, ingest, micrographs_dataset
 from cryodask.io import export_mrc, open_dataset, write_variables
 from cryodask.physics import CTFParams, ctf_2d, electron_wavelength_A, frequency_grid
+from cryodask.run import run as run_pipeline
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,6 @@ __all__ = [
     "load_cluster_config",
     "micrographs_dataset",
     "open_dataset",
+    "run_pipeline",
     "write_variables",
 ]

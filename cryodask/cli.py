@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_file_acquisition(p)
     _add_cluster(p)
 
+    p = sub.add_parser("run", help="the whole pipeline from one YAML configuration",
+                       description="Ingest, clean, fit CTFs, decompose the noise, score, restore, select and "
+                                   "report, as the configuration says (see cryodask.run for every key). Stages "
+                                   "whose results exist are not run again: start it again after an interruption.")
+    p.add_argument("config", help="the YAML configuration")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; compute and write nothing")
+
     p = sub.add_parser("report", help="write a self-contained HTML report of a store",
                        description="Plots of the dataset (CTF, causes of noise, scores) and of its best, worst "
                                    "and named micrographs (raw, cleaned, restored; spectrum and CTF fit; artifact "
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "info": cmd_info,
                "demo": cmd_demo, "ctf": cmd_ctf, "clean": cmd_clean,
                "restore": cmd_restore, "noise": cmd_noise, "score": cmd_score,
-               "report": cmd_report}[args.command]
+               "report": cmd_report, "run": cmd_run}[args.command]
     try:
         with dask.config.set({"cryodask.progress": sys.stderr.isatty()}):
             handler(args)
@@ -635,6 +642,12 @@ def cmd_score(args) -> None:
         write_ctf_star(chosen, star, extra={"rlnMicrographIceThickness": np.nan_to_num(
             scores["ice_thickness_A"].values[keep], nan=-1.0)})
         print(f"selected {int(keep.sum())} of {len(table)} ({args.select}) -> {star}")
+
+
+def cmd_run(args) -> None:
+    from cryodask.run import run
+
+    run(args.config, dry_run=args.dry_run)
 
 
 def cmd_report(args) -> None:

@@ -1,0 +1,318 @@
+"""The whole pipeline from one YAML file: ingest, clean, CTF, causes, score, restore, report.
+
+``cryodask run CONFIG.yaml`` and :func:`run` do the same. The configuration is checked
+before anything runs: an unknown key or a bad value is an error that names the key. Each
+stage leaves its results on disk (the store, STAR files, one MRC per restored micrograph),
+and a stage whose results are there is not run again: after an interruption, ``run``
+finishes what is missing, micrograph by micrograph for the restored files.
+
+A configuration, with every key and its default::
+
+    inputs: ["Micrographs/*.mrc"]     # files, glob patterns, or one store (required)
+    out_dir: results                  # required
+    cluster: null                     # threads, local, cuda, a scheduler address, a YAML file
+    acquisition:                      # overrides of headers and metadata, all optional
+      pixel_size_A: null
+      voltage_kV: null
+      cs_mm: null
+      amplitude_contrast: null
+      dose_e_per_A2: null
+    metadata: []                      # RELION STAR, EPU XML, mdoc files
+    clean: true                       # correct artifacts in memory first
+    gain: null                        # a gain reference (MRC/TIFF) to multiply by
+    defects: null                     # a MotionCor2 defect file
+    ctf:
+      min_resolution_A: 30.0
+      max_resolution_A: 5.0
+      min_defocus_A: 3000.0
+      max_defocus_A: 50000.0
+      max_astigmatism_A: 3000.0
+    score:
+      max_astigmatism_A: 1500.0       # the plausible astigmatism of the rules
+      select: null                    # e.g. "hyperscore > 170 and logic >= 0.8"
+    restore:
+      method: wiener                  # wiener, phaseflip, or none
+    report: true
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import time
+
+__all__ = ["DEFAULTS", "ConfigError", "load_config", "plan", "run"]
+
+
+class ConfigError(ValueError):
+    """A configuration key that is unknown, missing or has a bad value (the message names it)."""
+
+
+DEFAULTS = {
+    "inputs": None,
+    "out_dir": None,
+    "cluster": None,
+    "acquisition": {"pixel_size_A": None, "voltage_kV": None, "cs_mm": None, "amplitude_contrast": None,
+                    "dose_e_per_A2": None},
+    "metadata": [],
+    "clean": True,
+    "gain": None,
+    "defects": None,
+    "ctf": {"min_resolution_A": 30.0, "max_resolution_A": 5.0, "min_defocus_A": 3000.0,
+            "max_defocus_A": 50000.0, "max_astigmatism_A": 3000.0},
+    "score": {"max_astigmatism_A": 1500.0, "select": None},
+    "restore": {"method": "wiener"},
+    "report": True,
+}
+
+_RANGES = {
+    "acquisition.pixel_size_A": (0.05, 100.0), "acquisition.voltage_kV": (10.0, 1000.0),
+    "acquisition.cs_mm": (0.0, 10.0), "acquisition.amplitude_contrast": (0.0, 0.5),
+    "acquisition.dose_e_per_A2": (0.0, 10000.0), "ctf.min_resolution_A": (1.0, 1000.0),
+    "ctf.max_resolution_A": (0.5, 100.0), "ctf.min_defocus_A": (0.0, 200000.0),
+    "ctf.max_defocus_A": (0.0, 200000.0), "ctf.max_astigmatism_A": (0.0, 50000.0),
+    "score.max_astigmatism_A": (0.0, 50000.0),
+}
+
+
+def _merge(defaults, given, prefix=""):
+    if not isinstance(given, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the configuration'}: expected a mapping of keys, got {given!r}")
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        name = f"{prefix}{key}"
+        if key not in defaults:
+            raise ConfigError(f"{name}: unknown key; known here: {', '.join(sorted(defaults))}")
+        if isinstance(defaults[key], dict):
+            out[key] = _merge(defaults[key], value if value is not None else {}, f"{name}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _check(config):
+    if not config["inputs"]:
+        raise ConfigError("inputs: required (micrograph files, glob patterns or one store)")
+    if isinstance(config["inputs"], str):
+        config["inputs"] = [config["inputs"]]
+    if not isinstance(config["inputs"], list) or not all(isinstance(p, str) for p in config["inputs"]):
+        raise ConfigError(f"inputs: expected a list of paths, got {config['inputs']!r}")
+    if not isinstance(config["out_dir"], str) or not config["out_dir"]:
+        raise ConfigError("out_dir: required (the folder for every result)")
+    for key in ("clean", "report"):
+        if not isinstance(config[key], bool):
+            raise ConfigError(f"{key}: expected true or false, got {config[key]!r}")
+    if isinstance(config["metadata"], str):
+        config["metadata"] = [config["metadata"]]
+    for name, (low, high) in _RANGES.items():
+        section, key = name.split(".")
+        value = config[section][key]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConfigError(f"{name}: expected a number in [{low:g}, {high:g}], got {value!r}")
+    ctf = config["ctf"]
+    if ctf["max_resolution_A"] >= ctf["min_resolution_A"]:
+        raise ConfigError(f"ctf.max_resolution_A ({ctf['max_resolution_A']}) must be below "
+                          f"ctf.min_resolution_A ({ctf['min_resolution_A']})")
+    if ctf["min_defocus_A"] >= ctf["max_defocus_A"]:
+        raise ConfigError(f"ctf.min_defocus_A ({ctf['min_defocus_A']}) must be below "
+                          f"ctf.max_defocus_A ({ctf['max_defocus_A']})")
+    if config["restore"]["method"] not in ("wiener", "phaseflip", "none", None):
+        raise ConfigError(f"restore.method: expected wiener, phaseflip or none, got {config['restore']['method']!r}")
+    select = config["score"]["select"]
+    if select is not None:
+        import pandas as pd
+
+        from cryodask.score import select as parse
+
+        columns = ["logic", "novelty", "impact", "repro", "meta", "V", "hyperscore", "top_cause",
+                   "ice_thickness_A", "quality_expected"]
+        try:
+            parse(pd.DataFrame({c: [] for c in columns}), select)
+        except ValueError as err:
+            raise ConfigError(f"score.select: {err}") from None
+    for key in ("gain", "defects"):
+        if config[key] is not None and not os.path.isfile(config[key]):
+            raise ConfigError(f"{key}: {config[key]}: no such file")
+    return config
+
+
+def load_config(source) -> dict:
+    """The checked configuration, with defaults filled in, from a YAML path or a dict."""
+    import yaml
+
+    if isinstance(source, dict):
+        given, where = source, "the configuration"
+    else:
+        where = os.fspath(source)
+        if not os.path.isfile(where):
+            raise ConfigError(f"{where}: no such file")
+        with open(where, encoding="utf-8") as fh:
+            try:
+                given = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{where}: not valid YAML ({err})") from None
+    try:
+        return _check(_merge(DEFAULTS, given))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _paths(config):
+    out = config["out_dir"]
+    return {"store": os.path.join(out, "dataset.zarr"), "ctf_star": os.path.join(out, "micrographs_ctf.star"),
+            "scores": os.path.join(out, "scores.csv"), "restored": os.path.join(out, "restored"),
+            "selected": os.path.join(out, "selected_micrographs_ctf.star"), "report": os.path.join(out, "report.html")}
+
+
+def _given_store(config):
+    from cryodask.cli import _is_store
+
+    inputs = config["inputs"]
+    return inputs[0] if len(inputs) == 1 and _is_store(inputs[0]) else None
+
+
+def plan(config) -> list[str]:
+    """The stages ``run`` would do now, one line each ("skip" where the results are there)."""
+    from cryodask.io.store import open_dataset
+
+    paths = _paths(config)
+    store = _given_store(config) or paths["store"]
+    lines = []
+    have = set()
+    if os.path.isdir(store):
+        have = set(open_dataset(store, incomplete="drop").data_vars)
+        lines.append(f"ingest: skip ({store} is there)")
+    else:
+        files = sorted({f for p in config["inputs"] for f in (glob.glob(p) or [p])})
+        lines.append(f"ingest: {len(files)} file(s) -> {store}")
+    lines.append("clean, CTF, causes of noise, rules, scores: "
+                 + ("skip (in the store)" if "hyperscore" in have else f"-> {store}, {paths['scores']}")
+                 + ("" if config["clean"] else " (no cleaning)"))
+    lines.append(f"CTF STAR: -> {paths['ctf_star']}")
+    method = config["restore"]["method"]
+    if method in ("none", None):
+        lines.append("restore: off")
+    else:
+        lines.append(f"restore ({method}): the micrographs without a file in {paths['restored']}/")
+    if config["score"]["select"]:
+        lines.append(f"select ({config['score']['select']}): -> {paths['selected']}")
+    lines.append(f"report: -> {paths['report']}" if config["report"] else "report: off")
+    return lines
+
+
+def run(config, *, dry_run: bool = False, echo=print) -> dict:
+    """Run the pipeline of a configuration (a YAML path or a dict); return what it wrote.
+
+    With ``dry_run`` only the plan is printed and nothing is computed or written.
+    """
+    config = load_config(config)
+    for line in plan(config):
+        echo(("would " if dry_run else "") + line)
+    if dry_run:
+        return {}
+    from cryodask.cluster import cluster_client, load_cluster_config
+
+    paths = _paths(config)
+    os.makedirs(config["out_dir"], exist_ok=True)
+    with cluster_client(load_cluster_config(config["cluster"])) as client:
+        if client is not None:
+            echo(f"Dask dashboard: {client.dashboard_link}")
+        return _run(config, paths, echo)
+
+
+def _run(config, paths, echo):
+    import numpy as np
+    import pandas as pd
+
+    from cryodask import pipeline
+    from cryodask.ctf import CTFSearch
+    from cryodask.defects import read_defect_file, read_gain_reference
+    from cryodask.ingest import ingest
+    from cryodask.io.star import write_ctf_star
+    from cryodask.io.store import open_dataset, write_variables
+    from cryodask.score import RuleLimits, select
+
+    start = time.perf_counter()
+    store = _given_store(config) or paths["store"]
+    if os.path.isdir(store):
+        # A store appears only once ingested completely; variables whose write was
+        # interrupted are left out and computed again.
+        ds = open_dataset(store, incomplete="drop")
+    else:
+        acquisition = {k: v for k, v in config["acquisition"].items() if v is not None}
+        ds = ingest(config["inputs"], store, metadata=config["metadata"] or None, **acquisition)
+        echo(f"ingested {ds.sizes['micrograph']} micrographs -> {store} ({time.perf_counter() - start:.1f} s)")
+    shape = (ds.sizes["y"], ds.sizes["x"])
+    gain = read_gain_reference(config["gain"], shape=shape) if config["gain"] else None
+    known = read_defect_file(config["defects"], shape) if config["defects"] else None
+    c = config["ctf"]
+    search = CTFSearch(min_resolution_A=c["min_resolution_A"], max_resolution_A=c["max_resolution_A"],
+                       min_defocus_A=c["min_defocus_A"], max_defocus_A=c["max_defocus_A"],
+                       max_astigmatism_A=c["max_astigmatism_A"])
+    if "hyperscore" not in ds:
+        t = time.perf_counter()
+        limits = RuleLimits.from_search(search, max_astigmatism_A=config["score"]["max_astigmatism_A"])
+        scores, _ = pipeline.score_dataset(ds, search=search, limits=limits, gain_reference=gain, defects=known,
+                                           clean=config["clean"])
+        write_variables(scores, store, overwrite=True)
+        ds = open_dataset(store)
+        echo(f"cleaned, fitted CTFs, decomposed the noise and scored {ds.sizes['micrograph']} micrographs "
+             f"({time.perf_counter() - t:.1f} s)")
+    names = [str(n) for n in ds["micrograph_name"].values]
+    table = pd.DataFrame({"micrograph": names, **{k: ds[k].values for k in (
+        "logic", "novelty", "impact", "repro", "meta", "V", "hyperscore", "failed_rules", "top_cause",
+        "quality_expected", "ice_thickness_A", "defocus_u_A", "defocus_v_A", "ctf_fit_resolution_A")}})
+    table.to_csv(paths["scores"], index=False, float_format="%.6g")
+    write_ctf_star(ds, paths["ctf_star"])
+    written = {"store": store, "scores": paths["scores"], "ctf_star": paths["ctf_star"]}
+    method = config["restore"]["method"]
+    if method not in ("none", None):
+        written["restored"] = _restore(ds, config, paths, method, search, gain, known, echo)
+    if config["score"]["select"]:
+        keep = select(table, config["score"]["select"])
+        if keep.any():
+            write_ctf_star(ds.isel(micrograph=np.flatnonzero(keep)), paths["selected"], extra={
+                "rlnMicrographIceThickness": np.nan_to_num(ds["ice_thickness_A"].values[keep], nan=-1.0)})
+            written["selected"] = paths["selected"]
+        echo(f"selected {int(keep.sum())} of {len(table)} ({config['score']['select']})")
+    if config["report"]:
+        from cryodask.report import write_report
+
+        written["report"] = write_report(ds, paths["report"], title=f"cryodask: {config['out_dir']}")
+    echo(f"finished in {time.perf_counter() - start:.1f} s; results in {config['out_dir']}/")
+    return written
+
+
+def _restore(ds, config, paths, method, search, gain, known, echo):
+    import numpy as np
+
+    from cryodask import pipeline, progress
+    from cryodask.io.export import export_mrc, output_stem
+    from cryodask.io.star import write_ctf_star
+
+    out_dir = paths["restored"]
+    names = [str(n) for n in ds["micrograph_name"].values]
+    todo = [i for i, name in enumerate(names)
+            if not os.path.isfile(os.path.join(out_dir, output_stem(name) + ".mrc"))]
+    if todo:
+        t = time.perf_counter()
+        if config["clean"]:
+            from cryodask.clean import clean_for_fitting
+
+            work, _, _ = clean_for_fitting(ds, gain_reference=gain, defects=known)
+        else:
+            work = ds
+        subset = np.asarray(todo)
+        restored = pipeline.restore_dataset(work.isel(micrograph=subset), ds.isel(micrograph=subset), method=method)
+        out = ds[["micrograph_name", "pixel_size_A"]].isel(micrograph=subset).assign(image_restored=restored)
+        # Each file is written under a temporary name and renamed: a file that exists is whole.
+        progress.compute(*export_mrc(out, out_dir, variable="image_restored", dtype="float32", compute=False))
+        echo(f"restored {len(todo)} micrographs ({method}) -> {out_dir}/ ({time.perf_counter() - t:.1f} s)"
+             + (f"; {len(names) - len(todo)} were done already" if len(todo) < len(names) else ""))
+    else:
+        echo(f"restore: all {len(names)} micrographs were done already")
+    write_ctf_star(ds, os.path.join(out_dir, "micrographs_ctf.star"))
+    return out_dir
