@@ -145,7 +145,7 @@ def _micrograph_section(ds, i, label):
                      reliable=bool(ds["ctf_reliable"].values[i]))
         buffer = io.BytesIO()
         plot_ctf_fit(cleaned, fit, buffer, pixel_size_A=pixel, voltage_kV=params.voltage_kV, cs_mm=params.cs_mm,
-                     amplitude_contrast=params.amplitude_contrast, title=name[-40:])
+                     amplitude_contrast=params.amplitude_contrast, title=os.path.basename(name))
         parts.append(_img(base64.b64encode(buffer.getvalue()).decode("ascii"), f"{name}: power spectrum and CTF fit"))
     failed = [r[len("rule_"):] for r in ds.data_vars if r.startswith("rule_") and ds[r].values[i] == 0]
     if failed:
