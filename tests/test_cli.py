@@ -9,7 +9,7 @@ from cryodask.io.store import open_dataset
 
 
 def test_help_everywhere():
-    for command in ([], ["simulate"], ["ingest"], ["info"], ["demo"]):
+    for command in ([], ["simulate"], ["ingest"], ["info"], ["demo"], ["score"], ["report"], ["run"]):
         result = subprocess.run([sys.executable, "-m", "cryodask.cli", *command, "--help"],
                                 capture_output=True, text=True, check=True)
         assert "usage: cryodask" in result.stdout
