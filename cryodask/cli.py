@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-defocus", type=float, default=50000.0, metavar="Å", help="default 50000 (5 µm)")
     g.add_argument("--max-astigmatism", type=float, default=3000.0, metavar="Å", help="default 3000")
     g.add_argument("--phase-shift", action="store_true", help="also fit a phase-plate phase shift")
+    p.add_argument("--compare", metavar="FILE",
+                   help="compare with another program's results: RELION .star, CTFFIND .txt or cryoSPARC .cs")
     g.add_argument("--box-size", type=int, metavar="PX",
                    help="spectrum sampling as an equivalent tile size (default: from the search range)")
     g = p.add_argument_group("cleaning (on by default, in memory: nothing is written)")
@@ -395,12 +397,31 @@ def cmd_ctf(args) -> None:
               f"{float(row['defocus_v_A']):>10.0f} {float(row['defocus_angle_deg']):>7.1f} "
               f"{float(row['ctf_cc']):>7.3f} {float(row['ctf_fit_resolution_A']):>8.2f}{flag}")
     _report_cleaning(table, n)
+    if args.compare:
+        _print_comparison(table, args.compare)
     bad = int((~table["ctf_reliable"]).sum())
     if bad:
         print(f"warning: {bad} of {n} micrographs show no significant Thon rings; their CTF "
               "values are not to be trusted (rlnCtfFigureOfMerit is low)", file=sys.stderr)
     print(f"estimated {n} CTFs in {elapsed:.1f} s ({elapsed / n:.2f} s per micrograph) -> {args.out}"
           + (f" and {store}" if store else ""))
+
+
+def _print_comparison(table, path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from cryodask.io.ctf_results import compare_ctf, read_ctf_results
+
+    ours = pd.DataFrame({"micrograph_name": [str(v) for v in table["micrograph_name"].values],
+                         **{k: table[k].values for k in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg")}})
+    both = compare_ctf(ours, read_ctf_results(path))
+    if both.empty:
+        raise CLIError(f"--compare {path}: no micrograph matches by file name")
+    d = np.abs(both["mean_defocus_difference_pct"].to_numpy())
+    a = np.abs(both["angle_difference_deg"].to_numpy())
+    print(f"against {path} ({len(both)} micrographs matched): mean defocus differs by median {np.nanmedian(d):.3f} %, "
+          f"worst {np.nanmax(d):.3f} %; astigmatism angle by median {np.nanmedian(a):.1f}°")
 
 
 def _report_cleaning(table, n) -> None:

@@ -1,5 +1,6 @@
 """Files in and out: micrograph images, metadata, the Zarr store, exports."""
 
+from cryodask.io.ctf_results import compare_ctf, read_ctf_results
 from cryodask.io.export import export_mrc, output_stem
 from cryodask.io.images import ImageHeader, MicrographFileError, probe, read_micrograph, write_mrc
 from cryodask.io.metadata import (
@@ -18,11 +19,13 @@ __all__ = [
     "MetadataFileError",
     "MicrographFileError",
     "StoreError",
+    "compare_ctf",
     "export_mrc",
     "open_dataset",
     "output_stem",
     "probe",
     "read_coordinates",
+    "read_ctf_results",
     "read_epu_xml",
     "read_mdoc",
     "read_metadata_table",

@@ -52,6 +52,7 @@ _STAR_MICROGRAPH_COLUMNS = {
     "rlnDefocusU": "defocus_u_A",
     "rlnDefocusV": "defocus_v_A",
     "rlnDefocusAngle": "defocus_angle_deg",
+    "rlnPhaseShift": "phase_shift_deg",
 }
 
 
@@ -63,7 +64,7 @@ def read_star_micrographs(path) -> pd.DataFrame:
     DataFrame
         One row per micrograph: ``micrograph_name`` and the fields among
         ``pixel_size_A, voltage_kV, cs_mm, amplitude_contrast, defocus_u_A, defocus_v_A,
-        defocus_angle_deg`` that the file gives (optics-group values joined per row; RELION
+        defocus_angle_deg, phase_shift_deg`` that the file gives (optics-group values joined per row; RELION
         3.0's ``rlnDetectorPixelSize`` (µm) / ``rlnMagnification`` gives the pixel size).
     """
     path = str(path)
