@@ -631,8 +631,8 @@ def cmd_score(args) -> None:
     table = pd.DataFrame({"micrograph": names, **{c: scores[c].values for c in columns}})
     table["failure_reasons"] = [" | ".join(str(scores[f"reason_{r}"].values[i]) for r in RULES
                                            if scores[f"rule_{r}"].values[i] == 0) for i in range(len(names))]
-    for name in ("ice_thickness_A", "pixel_size_estimate_A", "quality_predicted", "defocus_u_A", "defocus_v_A",
-                 "ctf_fit_resolution_A", "n_hot_pixels", "n_xray_pixels", "n_defect_pixels"):
+    for name in ("ice_thickness_A", "pixel_size_estimate_A", "quality_expected", "quality_predicted", "defocus_u_A",
+                 "defocus_v_A", "ctf_fit_resolution_A", "n_hot_pixels", "n_xray_pixels", "n_defect_pixels"):
         if name in scores:
             table[name] = scores[name].values
     for rule in RULES:

@@ -246,7 +246,7 @@ def test_score_command_flags_the_duplicate_and_selects(tmp_path, capsys):
                  "--star", str(star), "--save-library", str(tmp_path / "lib.npz")]) == 0
     table = pd.read_csv(out)
     for column in ("micrograph", "logic", "novelty", "impact", "repro", "meta", "V", "hyperscore",
-                   "failed_rules", "top_cause"):
+                   "failed_rules", "top_cause", "quality_expected", "ice_thickness_A"):
         assert column in table.columns
     assert table["micrograph"].tolist() == files
     novel = table.set_index("micrograph")["novelty"]
