@@ -225,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_file_acquisition(p)
     _add_cluster(p)
 
+    p = sub.add_parser("bench", help="time the pipeline against the floor (read, rfft2, irfft2, write)",
+                       description="Simulate micrographs, ingest them, and time the floor and each pipeline "
+                                   "stage on the same store in one run; print seconds per micrograph, MB/s, "
+                                   "the ratio to the floor and peak memory.")
+    p.add_argument("--size", type=int, default=1024, help="pixels per side (default 1024)")
+    p.add_argument("--count", type=int, default=8, help="micrographs (default 8)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    _add_cluster(p)
+
     p = sub.add_parser("run", help="the whole pipeline from one YAML configuration",
                        description="Ingest, clean, fit CTFs, decompose the noise, score, restore, select and "
                                    "report, as the configuration says (see cryodask.run for every key). Stages "
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "info": cmd_info,
                "demo": cmd_demo, "ctf": cmd_ctf, "clean": cmd_clean,
                "restore": cmd_restore, "noise": cmd_noise, "score": cmd_score,
-               "report": cmd_report, "run": cmd_run}[args.command]
+               "report": cmd_report, "run": cmd_run, "bench": cmd_bench}[args.command]
     try:
         with dask.config.set({"cryodask.progress": sys.stderr.isatty()}):
             handler(args)
@@ -663,6 +672,16 @@ def cmd_score(args) -> None:
         write_ctf_star(chosen, star, extra={"rlnMicrographIceThickness": np.nan_to_num(
             scores["ice_thickness_A"].values[keep], nan=-1.0)})
         print(f"selected {int(keep.sum())} of {len(table)} ({args.select}) -> {star}")
+
+
+def cmd_bench(args) -> None:
+    from cryodask.bench import run_benchmark, write_json
+
+    with _with_cluster(args.cluster):
+        result = run_benchmark(size=args.size, count=args.count)
+    if args.json:
+        write_json(result, args.json)
+        print(f"-> {args.json}")
 
 
 def cmd_run(args) -> None:

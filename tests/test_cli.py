@@ -53,3 +53,17 @@ def test_demo_runs_on_a_local_cluster(tmp_path, capsys):
     ds = open_dataset(tmp_path / "demo" / "demo.zarr")
     assert {"power_spectrum", "image_mean", "image_std"} <= set(ds.data_vars)
     assert ds["power_spectrum"].shape == (2, 256, 129)
+
+
+def test_bench_reports_the_floor_and_every_stage(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--size", "256", "--count", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("floor_mb_per_s", "pipeline_mb_per_s", "ratio_to_floor", "peak_rss_bytes", "stages"):
+        assert key in result
+    assert result["ratio_to_floor"] > 1.0  # the pipeline does more than the floor
+    assert result["stages"]["floor"]["ratio_to_floor"] == 1.0
+    assert {"clean + regions + CTF", "noise model (2 passes)", "clean + restore + write"} <= set(result["stages"])
+    assert "x floor" in capsys.readouterr().out

@@ -1,0 +1,127 @@
+"""The end-to-end benchmark: the pipeline against the floor, measured in the same run.
+
+``cryodask bench [--size 1024] [--count 8] [--json FILE]`` simulates ``count`` micrographs,
+ingests them into a store, then times on that store:
+
+* the **floor**: each micrograph read, one ``rfft2`` and one ``irfft2``, written back as a
+  new store variable -- nothing else;
+* the pipeline's stages: the dataset pass (defects and gain), cleaning + regions + CTF,
+  the causal noise model (two passes, with priors and the particle spectrum), and
+  restoration (Wiener, written to the store).
+
+Each stage is a Dask computation on the current scheduler. Reported per stage: seconds per
+micrograph, MB/s of float32 micrograph data, and the ratio to the floor; and the peak
+resident memory of this process and its children (``ru_maxrss``). The machine is shared
+and noisy: compare the ratios, not the absolute times, between runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+
+import numpy as np
+
+__all__ = ["run_benchmark"]
+
+
+def _floor_block(block):
+    out = np.empty(block.shape, np.float32)
+    for i in range(block.shape[0]):
+        f = np.fft.rfft2(block[i].astype(np.float32))
+        out[i] = np.fft.irfft2(f, s=block.shape[1:]).astype(np.float32)
+    return out
+
+
+def _peak_rss_bytes() -> int:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return int(max(own, children) * 1024)  # Linux reports kilobytes
+
+
+def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int = 0, echo=print) -> dict:
+    """Run the benchmark (see the module notes) and return its figures.
+
+    Returns
+    -------
+    dict
+        ``floor_mb_per_s``, ``pipeline_mb_per_s``, ``ratio_to_floor``, ``peak_rss_bytes``,
+        ``stages`` (name -> seconds, seconds per micrograph, MB/s, ratio to the floor), and
+        the run's ``size``, ``count`` and machine.
+    """
+    import xarray as xr
+
+    from cryodask import pipeline, progress
+    from cryodask.clean import clean_for_fitting, measure_defects
+    from cryodask.ingest import ingest
+    from cryodask.io.store import open_dataset, write_variables
+    from cryodask.simulate import DatasetRanges, Detector, draw_micrograph_params, write_simulated_dataset
+
+    if size < 256 or count < 1:
+        raise ValueError(f"need size >= 256 and count >= 1, got {size} and {count}")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        params = draw_micrograph_params(count, shape=(size, size), seed=seed,
+                                        ranges=DatasetRanges(n_hot_pixels=(50, 200), n_xrays=(2, 10)))
+        write_simulated_dataset(os.path.join(tmp, "sim"), params, seed=seed,
+                                detector=Detector(gain_std=0.02, n_dead_rows=1, seed=seed))
+        start = time.perf_counter()
+        ds = ingest(os.path.join(tmp, "sim", "*.mrc"), os.path.join(tmp, "b.zarr"))
+        store = os.path.join(tmp, "b.zarr")
+        seconds = {"ingest": time.perf_counter() - start}
+
+        start = time.perf_counter()
+        image = ds["image"]
+        floor = xr.DataArray(image.data.map_blocks(_floor_block, dtype=np.float32), dims=image.dims)
+        write_variables(xr.Dataset({"floor": floor}), store)
+        seconds["floor"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        measured = measure_defects(ds)
+        seconds["dataset pass (defects, gain)"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        work, exclude, extra = clean_for_fitting(ds, measured=measured)
+        (ctf,) = progress.compute(xr.merge([pipeline.estimate_ctf_dataset(work, exclude=exclude), extra]))
+        seconds["clean + regions + CTF"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        (noise,) = progress.compute(pipeline.noise_dataset(ds, ctf, gain_estimate=measured.gain,
+                                                           defects=measured.defects, prior=count >= 4))
+        seconds["noise model (2 passes)"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        restored = pipeline.restore_dataset(work, ctf)
+        write_variables(restored.to_dataset(), store)
+        seconds["clean + restore + write"] = time.perf_counter() - start
+        open_dataset(store)  # the writes are complete and readable
+
+    megabytes = count * size * size * 4 / 1e6
+    stages = {}
+    for name, s in seconds.items():
+        stages[name] = {"seconds": s, "seconds_per_micrograph": s / count, "mb_per_s": megabytes / s,
+                        "ratio_to_floor": s / seconds["floor"]}
+    pipeline_seconds = sum(s for name, s in seconds.items() if name not in ("ingest", "floor"))
+    result = {
+        "size": size, "count": count, "megabytes": megabytes,
+        "floor_mb_per_s": megabytes / seconds["floor"], "pipeline_mb_per_s": megabytes / pipeline_seconds,
+        "ratio_to_floor": pipeline_seconds / seconds["floor"], "peak_rss_bytes": _peak_rss_bytes(),
+        "stages": stages,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+    echo(f"{count} micrographs of {size}² ({megabytes:.0f} MB of float32) on {os.cpu_count()} CPUs")
+    echo(f"{'stage':<30} {'s / micrograph':>15} {'MB/s':>9} {'x floor':>8}")
+    for name, row in stages.items():
+        echo(f"{name:<30} {row['seconds_per_micrograph']:>15.3f} {row['mb_per_s']:>9.1f} {row['ratio_to_floor']:>8.2f}")
+    echo(f"{'pipeline (all but ingest)':<30} {pipeline_seconds / count:>15.3f} {result['pipeline_mb_per_s']:>9.1f} "
+         f"{result['ratio_to_floor']:>8.2f}")
+    echo(f"peak resident memory: {result['peak_rss_bytes'] / 1e9:.2f} GB")
+    return result
+
+
+def write_json(result: dict, path) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
