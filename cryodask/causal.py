@@ -48,6 +48,7 @@ __all__ = [
     "dataset_quality",
     "ice_signal",
     "particle_spectrum",
+    "smooth_gain_pattern",
     "spectrum_shells",
 ]
 
@@ -165,7 +166,6 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
         With ``parameters``: the measured ``white`` and ``ice_scale`` as ``(value,
         standard error)``.
     """
-    from scipy import ndimage
 
     x = np.asarray(image, dtype=np.float32)
     found = find_impulses(x, defects=defects)
@@ -191,8 +191,8 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     variance["dose"] = shot
     smooth_gain = 0.0
     if gain_estimate is not None:
-        g = np.asarray(gain_estimate, dtype=np.float64)
-        smooth_gain = float(np.var(ndimage.gaussian_filter(g, 8.0) * mean))
+        smoothed = smooth_gain_pattern(gain_estimate)
+        smooth_gain = float(np.var(smoothed * mean))
     variance["detector"] = max(white - shot, 0.0) + smooth_gain + defect_var
 
     # Low-frequency power above the white level: thickness background (and smooth gain).
@@ -212,7 +212,7 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     if gain_estimate is not None:
         # The smooth gain pattern is low-frequency detector noise; below the first Thon ring
         # the spectral fit took it for signal, so it moves from there to the noise.
-        pattern = (ndimage.gaussian_filter(g, 8.0) - 1.0) * mean
+        pattern = (smoothed - 1.0) * mean
         gain_power = _shell_power(pattern, k, pixel_size_A)
         spectra["detector"] = spectra["detector"] + gain_power
         signal = np.clip(signal - gain_power / np.maximum(_mean_ctf2(k, params), 0.05), 0.0, None)
@@ -247,6 +247,22 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
                                           "ice_scale": (ice_scale, ice_error)},
                               quality=quality * np.sqrt(kept),
                               quality_model=lambda k_max=None: model(noise, k_max) * np.sqrt(kept))
+
+
+class _Smoothed(np.ndarray):
+    """A gain estimate already smoothed by :func:`smooth_gain_pattern` (marks it as such)."""
+
+
+def smooth_gain_pattern(gain_estimate):
+    """The smooth part of a dataset's gain estimate (Gaussian, σ = 8 pixels), the part that is
+    low-frequency detector noise. Pass the result as ``gain_estimate`` to
+    :func:`decompose_noise` to smooth it once for a whole dataset rather than per micrograph."""
+    from scipy import ndimage
+
+    if isinstance(gain_estimate, _Smoothed):
+        return gain_estimate
+    smoothed = ndimage.gaussian_filter(np.asarray(gain_estimate, dtype=np.float32), 8.0)
+    return smoothed.view(_Smoothed)
 
 
 def _shell_power(pattern, k, pixel_size_A):

@@ -355,7 +355,10 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     from cryodask.causal import BANDS_A, NOISE_CAUSES, particle_spectrum
     from cryodask.prior import fit_prior
 
-    gain = np.zeros(0) if gain_estimate is None else np.asarray(gain_estimate, np.float32)
+    from cryodask.causal import smooth_gain_pattern
+
+    # Smoothed once for the dataset, not once per micrograph.
+    gain = np.zeros(0) if gain_estimate is None else smooth_gain_pattern(gain_estimate)
     known = np.zeros(0) if defects is None else np.asarray(defects, np.uint8)
     n_micrographs = ds.sizes["micrograph"]
     unfixed = np.full(n_micrographs, np.nan)
