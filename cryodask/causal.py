@@ -166,7 +166,6 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
         With ``parameters``: the measured ``white`` and ``ice_scale`` as ``(value,
         standard error)``.
     """
-
     x = np.asarray(image, dtype=np.float32)
     found = find_impulses(x, defects=defects)
     impulse = (found.mask == HOT_PIXEL) | (found.mask == XRAY)
