@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         print(f"{name:<24} {r['median_defocus_error_pct']:>9.3f} {r['worst_defocus_error_pct']:>9.3f} "
               f"{r['unreliable']:>11} {r['seconds_per_micrograph']:>15.2f}")
     oracle_corr = np.asarray(out["oracle (no artifacts)"]["restored_correlation"])
-    print(f"\nrestoration (Wiener, own CTF): correlation with the CTF-free truth, and its ratio to the oracle's")
+    print("\nrestoration (Wiener, own CTF): correlation with the CTF-free truth, and its ratio to the oracle's")
     print(f"{'':<24} {'mean corr':>10} {'mean ratio':>11} {'worst ratio':>12}")
     for name in ("cleaned (default)", "--no-clean", "oracle (no artifacts)"):
         corr = np.asarray(out[name]["restored_correlation"])
