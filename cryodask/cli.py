@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run the pipeline stages and say where the results are.")
     p.add_argument("--out", default="demo-output", help="working folder (default demo-output)")
     p.add_argument("--count", type=int, default=16, help="micrographs (default 16)")
-    p.add_argument("--size", type=int, default=1024, help="pixels per side (default 1024)")
+    p.add_argument("--size", type=int, default=768, help="pixels per side (default 768)")
     _add_cluster(p, default="local")
     return parser
 
