@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prior", action="store_true",
                    help="judge each micrograph alone (default: dataset priors of the white noise "
                         "level and the amount of ice, from 4 micrographs on)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="add standard errors share_<cause>_se and gain_<cause>_se (each micrograph's two "
+                        "halves decomposed alone; twice the work)")
     _add_gain_options(p)
     _add_file_acquisition(p)
     _add_cluster(p)
@@ -560,7 +563,8 @@ def cmd_noise(args) -> None:
                                                        measured=found))
         use_prior = not args.no_prior and ds.sizes["micrograph"] >= MIN_DATASET_MICROGRAPHS
         lazy = pipeline.noise_dataset(work, ctf, gain_estimate=None if found is None else found.gain,
-                                      defects=known if found is None else found.defects, prior=use_prior)
+                                      defects=known if found is None else found.defects, prior=use_prior,
+                                      uncertainty=args.uncertainty)
         (noise,) = progress.compute(lazy)
         elapsed = time.perf_counter() - start
     rows = []
@@ -574,6 +578,9 @@ def cmd_noise(args) -> None:
         for name in ("n_hot_pixels", "n_xray_pixels", "n_defect_pixels"):
             row[name] = int(ctf[name][i])
         row["ctf_reliable"] = bool(ctf["ctf_reliable"][i])
+        if args.uncertainty:
+            row.update({f"{kind}_{c}_se": float(noise[f"{kind}_{c}_se"][i])
+                        for kind in ("share", "gain") for c in NOISE_CAUSES})
         rows.append(row)
     table = pd.DataFrame(rows)
     directory = os.path.dirname(os.path.abspath(args.out))

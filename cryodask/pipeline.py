@@ -268,12 +268,13 @@ def _n_noise_fields():
 
     # variance, gain and band shares per cause; white and ice_scale with their errors;
     # the expected quality, in all and up to the CTF fit's resolution; the scale and the
-    # shells (power, CTF²) of the particle spectrum.
-    return (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4 + 2 + 1 + 2 * N_SHELLS
+    # shells (power, CTF²) of the particle spectrum; the standard errors of the shares and
+    # gains.
+    return (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4 + 2 + 1 + 2 * N_SHELLS + 2 * len(NOISE_CAUSES)
 
 
 def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution, dose, white, ice_scale,
-                 gain, defects, shell_edges, particle_power):
+                 gain, defects, shell_edges, particle_power, uncertainty=False):
     from cryodask.causal import NOISE_CAUSES, decompose_noise
     from cryodask.physics import CTFParams
 
@@ -288,20 +289,31 @@ def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution,
                            phase_shift_deg=float(phase[i]))
         fixed = {name: float(value[i]) for name, value in (("white", white), ("ice_scale", ice_scale))
                  if np.isfinite(value[i])}
-        found = decompose_noise(images[i], params, pixel_size_A=float(pixel[i]),
-                                gain_estimate=gain if gain.ndim == 2 else None,
-                                defects=defects > 0 if defects.ndim == 2 else None, fixed=fixed,
-                                dose_e_per_A2=float(dose[i]), shell_edges=shell_edges,
-                                particle_power=particle_power)
+        def decompose(rows):
+            return decompose_noise(images[i][rows], params, pixel_size_A=float(pixel[i]),
+                                   gain_estimate=gain[rows] if gain.ndim == 2 else None,
+                                   defects=defects[rows] > 0 if defects.ndim == 2 else None, fixed=fixed,
+                                   dose_e_per_A2=float(dose[i]), shell_edges=shell_edges,
+                                   particle_power=particle_power)
+
+        found = decompose(slice(None))
+        errors = [np.nan] * (2 * len(NOISE_CAUSES))
+        if uncertainty:
+            # Two halves of the field measured alone: the whole's standard error is about
+            # half their difference (spatial heterogeneity included).
+            half = images.shape[1] // 2
+            top, bottom = decompose(slice(0, half)), decompose(slice(half, None))
+            errors = ([abs(top.shares[c] - bottom.shares[c]) / 2 for c in NOISE_CAUSES]
+                      + [abs(top.gain[c] - bottom.gain[c]) / 2 for c in NOISE_CAUSES])
         out[i] = ([found.variance[c] for c in NOISE_CAUSES] + [found.gain[c] for c in NOISE_CAUSES]
                   + [v for c in NOISE_CAUSES for v in found.band_shares[c]]
                   + [*found.parameters["white"], *found.parameters["ice_scale"]]
                   + [found.quality, found.quality_model(1.0 / resolution[i]) if resolution[i] > 0 else np.nan]
-                  + [found.scale] + list(found.shells.ravel()))
+                  + [found.scale] + list(found.shells.ravel()) + errors)
     return out
 
 
-def _noise_fields(ds, ctf, gain, known, white, ice_scale, particle_power=None):
+def _noise_fields(ds, ctf, gain, known, white, ice_scale, particle_power=None, uncertainty=False):
     image = ds["image"]
     check_image_chunks(image)
     chunks = image.chunks[0] if image.chunks is not None else None
@@ -320,13 +332,13 @@ def _noise_fields(ds, ctf, gain, known, white, ice_scale, particle_power=None):
         input_core_dims=[["y", "x"]] + [[]] * len(scalars), output_core_dims=[["noise_field"]],
         dask="parallelized", output_dtypes=[np.float64],
         dask_gufunc_kwargs={"output_sizes": {"noise_field": n_fields}},
-        kwargs={"gain": gain, "defects": known, "particle_power": particle_power,
+        kwargs={"gain": gain, "defects": known, "particle_power": particle_power, "uncertainty": uncertainty,
                 "shell_edges": np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)},
         keep_attrs=False)
 
 
 def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defects=None,
-                  prior: bool = False) -> xr.Dataset:
+                  prior: bool = False, uncertainty: bool = False) -> xr.Dataset:
     """Each micrograph's noise variance per cause and counterfactual gains (lazy).
 
     Parameters
@@ -342,6 +354,10 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         and ``prior_ice_scale``), and the particles' power spectrum shared by the
         micrographs (:func:`cryodask.causal.particle_spectrum`, variable
         ``particle_spectrum``); then decompose each micrograph under them.
+    uncertainty : bool
+        Also decompose each half of every micrograph alone (twice the work) and give the
+        standard errors ``share_<cause>_se`` and ``gain_<cause>_se``: half the difference of
+        the halves, spatial heterogeneity (an ice gradient) included.
 
     Returns
     -------
@@ -362,7 +378,8 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     known = np.zeros(0) if defects is None else np.asarray(defects, np.uint8)
     n_micrographs = ds.sizes["micrograph"]
     unfixed = np.full(n_micrographs, np.nan)
-    result = _noise_fields(ds, ctf, gain, known, unfixed, unfixed)
+    # The first pass needs no standard errors when a second pass (under the priors) follows.
+    result = _noise_fields(ds, ctf, gain, known, unfixed, unfixed, uncertainty=uncertainty and not prior)
     n = len(NOISE_CAUSES)
     first_param = (2 + len(BANDS_A)) * n
     priors = {}
@@ -372,7 +389,7 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         (measured,) = progress.compute(result.isel(noise_field=slice(first_param, None)))
         measured = np.asarray(measured)
         values = measured[:, :4]
-        shells = measured[:, 7:].reshape(n_micrographs, 2, N_SHELLS)
+        shells = measured[:, 7:7 + 2 * N_SHELLS].reshape(n_micrographs, 2, N_SHELLS)
         spectrum = particle_spectrum(shells[:, 0], shells[:, 1], measured[:, 6])
         fixed = []
         for j, name in enumerate(("white", "ice_scale")):
@@ -385,7 +402,8 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
                 fixed.append(unfixed)
         edges = np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)
         centres = 0.5 * (edges[1:] + edges[:-1])
-        result = _noise_fields(ds, ctf, gain, known, *fixed, particle_power=(centres, spectrum))
+        result = _noise_fields(ds, ctf, gain, known, *fixed, particle_power=(centres, spectrum),
+                               uncertainty=uncertainty)
     out = xr.Dataset()
     total = result.isel(noise_field=slice(0, n)).sum("noise_field")
     for i, cause in enumerate(NOISE_CAUSES):
@@ -409,7 +427,13 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     out["shell_scale"] = result.isel(noise_field=first_param + 6, drop=True)
     out["shell_power"] = result.isel(noise_field=slice(first_shell, first_shell + N_SHELLS)).rename(
         noise_field="shell_k")
-    out["shell_ctf2"] = result.isel(noise_field=slice(first_shell + N_SHELLS, None)).rename(noise_field="shell_k")
+    out["shell_ctf2"] = result.isel(noise_field=slice(first_shell + N_SHELLS, first_shell + 2 * N_SHELLS)).rename(
+        noise_field="shell_k")
+    if uncertainty:
+        first_se = first_shell + 2 * N_SHELLS
+        for i, cause in enumerate(NOISE_CAUSES):
+            out[f"share_{cause}_se"] = result.isel(noise_field=first_se + i, drop=True).astype(np.float32)
+            out[f"gain_{cause}_se"] = result.isel(noise_field=first_se + n + i, drop=True).astype(np.float32)
     edges = np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)
     out = out.assign_coords(shell_k=("shell_k", 0.5 * (edges[1:] + edges[:-1]), {"units": "1/Å"}))
     if spectrum is not None:

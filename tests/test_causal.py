@@ -146,3 +146,26 @@ def test_dataset_particle_spectrum_changes_the_gains():
     assert alone.shells.shape == (2, 96) and weighted.scale > 0
     assert weighted.quality != pytest.approx(alone.quality)
     assert set(weighted.gain) == set(alone.gain)
+
+
+def test_standard_errors_of_the_shares_match_their_scatter(tmp_path):
+    from cryodask import pipeline
+    from cryodask.ingest import micrographs_dataset
+
+    params = MicrographParams(shape=(512, 512), dose_e_per_A2=30, ice_thickness_A=900, n_hot_pixels=100,
+                              n_xrays=5)
+    state = detector_state(DETECTOR, (512, 512))
+    for seed in range(8):  # the same conditions, eight realisations
+        write_mrc(tmp_path / f"r{seed}.mrc", simulate_micrograph(params, detector=state, seed=seed).image,
+                  pixel_size_A=1.0)
+    ds = micrographs_dataset(sorted(str(p) for p in tmp_path.glob("r*.mrc")))
+    ctf = pipeline.estimate_ctf_dataset(ds).compute()
+    noise = pipeline.noise_dataset(ds, ctf, uncertainty=True).compute()
+    for cause in ("dose", "ice"):
+        se = noise[f"share_{cause}_se"].values
+        scatter = float(np.std(noise[f"share_{cause}"].values, ddof=1))
+        assert np.all(np.isfinite(se)) and np.all(se >= 0)
+        # Half the halves' difference is a one-degree-of-freedom estimate: judged by its RMS.
+        rms = float(np.sqrt(np.mean(se**2)))
+        assert scatter / 4 < rms < scatter * 4, (cause, rms, scatter)
+    assert "gain_ice_se" in noise
