@@ -615,12 +615,10 @@ def cmd_noise(args) -> None:
 
 def cmd_score(args) -> None:
     import numpy as np
-    import pandas as pd
 
     from cryodask import pipeline
     from cryodask.ctf import CTFSearch
-    from cryodask.io.star import write_ctf_star
-    from cryodask.score import RULES, RuleLimits, ScoreWeights, select
+    from cryodask.score import RULES, RuleLimits, ScoreWeights, scores_table, select, write_selection, write_table
 
     search = CTFSearch(min_defocus_A=args.min_defocus, max_defocus_A=args.max_defocus,
                        max_astigmatism_A=max(3000.0, 2 * args.max_astigmatism))
@@ -642,22 +640,9 @@ def cmd_score(args) -> None:
             from cryodask.io.store import write_variables
 
             write_variables(scores, store, overwrite=True)
-    names = [str(n) for n in ds["micrograph_name"].values]
-    columns = ["logic", "novelty", "impact", "repro", "meta", "V", "hyperscore", "failed_rules", "top_cause"]
-    table = pd.DataFrame({"micrograph": names, **{c: scores[c].values for c in columns}})
-    table["failure_reasons"] = [" | ".join(str(scores[f"reason_{r}"].values[i]) for r in RULES
-                                           if scores[f"rule_{r}"].values[i] == 0) for i in range(len(names))]
-    for name in ("ice_thickness_A", "pixel_size_estimate_A", "quality_expected", "quality_predicted", "defocus_u_A",
-                 "defocus_v_A", "ctf_fit_resolution_A", "n_hot_pixels", "n_xray_pixels", "n_defect_pixels"):
-        if name in scores:
-            table[name] = scores[name].values
-    for rule in RULES:
-        table[f"rule_{rule}"] = scores[f"rule_{rule}"].values
+    table = scores_table(scores.assign(micrograph_name=ds["micrograph_name"]))
+    write_table(table, args.out)
     directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(args.out)}.partial")
-    table.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, args.out)
     if args.save_library:
         np.savez(args.save_library, **library)
     shown = table[["micrograph", "logic", "novelty", "impact", "V", "hyperscore", "top_cause", "failed_rules"]].copy()
@@ -671,13 +656,12 @@ def cmd_score(args) -> None:
     if args.select:
         keep = select(table, args.select)
         star = args.star or os.path.join(directory, "selected_micrographs_ctf.star")
-        chosen = ds[["micrograph_name", "pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast"]].compute()
-        chosen = chosen.merge(scores[["defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
-                                      "ctf_cc", "ctf_fit_resolution_A"]]).isel(micrograph=np.flatnonzero(keep))
         if not keep.any():
             raise CLIError(f"--select {args.select!r}: no micrograph passes; nothing written")
-        write_ctf_star(chosen, star, extra={"rlnMicrographIceThickness": np.nan_to_num(
-            scores["ice_thickness_A"].values[keep], nan=-1.0)})
+        acquisition = ds[["micrograph_name", "pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast"]].compute()
+        write_selection(acquisition.merge(scores[["defocus_u_A", "defocus_v_A", "defocus_angle_deg",
+                                                  "phase_shift_deg", "ctf_cc", "ctf_fit_resolution_A",
+                                                  "ice_thickness_A"]]), keep, star)
         print(f"selected {int(keep.sum())} of {len(table)} ({args.select}) -> {star}")
 
 

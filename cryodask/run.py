@@ -224,16 +224,13 @@ def run(config, *, dry_run: bool = False, echo=print) -> dict:
 
 
 def _run(config, paths, echo):
-    import numpy as np
-    import pandas as pd
-
     from cryodask import pipeline
     from cryodask.ctf import CTFSearch
     from cryodask.defects import read_defect_file, read_gain_reference
     from cryodask.ingest import ingest
     from cryodask.io.star import write_ctf_star
     from cryodask.io.store import open_dataset, write_variables
-    from cryodask.score import RuleLimits, select
+    from cryodask.score import RuleLimits, scores_table, select, write_selection, write_table
 
     start = time.perf_counter()
     store = _given_store(config) or paths["store"]
@@ -261,11 +258,8 @@ def _run(config, paths, echo):
         ds = open_dataset(store)
         echo(f"cleaned, fitted CTFs, decomposed the noise and scored {ds.sizes['micrograph']} micrographs "
              f"({time.perf_counter() - t:.1f} s)")
-    names = [str(n) for n in ds["micrograph_name"].values]
-    table = pd.DataFrame({"micrograph": names, **{k: ds[k].values for k in (
-        "logic", "novelty", "impact", "repro", "meta", "V", "hyperscore", "failed_rules", "top_cause",
-        "quality_expected", "ice_thickness_A", "defocus_u_A", "defocus_v_A", "ctf_fit_resolution_A")}})
-    table.to_csv(paths["scores"], index=False, float_format="%.6g")
+    table = scores_table(ds)
+    write_table(table, paths["scores"])
     write_ctf_star(ds, paths["ctf_star"])
     written = {"store": store, "scores": paths["scores"], "ctf_star": paths["ctf_star"]}
     method = config["restore"]["method"]
@@ -274,8 +268,7 @@ def _run(config, paths, echo):
     if config["score"]["select"]:
         keep = select(table, config["score"]["select"])
         if keep.any():
-            write_ctf_star(ds.isel(micrograph=np.flatnonzero(keep)), paths["selected"], extra={
-                "rlnMicrographIceThickness": np.nan_to_num(ds["ice_thickness_A"].values[keep], nan=-1.0)})
+            write_selection(ds, keep, paths["selected"])
             written["selected"] = paths["selected"]
         echo(f"selected {int(keep.sum())} of {len(table)} ({config['score']['select']})")
     if config["report"]:

@@ -42,6 +42,10 @@ import numpy as np
 
 from cryodask.ctf import CTFSearch, check_sectors, estimate_ctf, _bin_factor
 from cryodask.physics import CTFParams, electron_wavelength_A
+# The ice's physics is the simulator's (one description, DESIGN.md): the inelastic mean free
+# path of the thickness estimate ``t = λ ln(I0 / I)`` and the spacing of the amorphous-ice ring.
+from cryodask.simulate.micrograph import ICE_RING_A
+from cryodask.simulate.params import ICE_MEAN_FREE_PATH_A
 
 __all__ = [
     "COMPONENTS",
@@ -61,19 +65,15 @@ __all__ = [
 
     "novelty",
     "prior_stability",
+    "scores_table",
     "select",
+    "write_selection",
+    "write_table",
 ]
 
 #: The components of V, in the order of the weights w1..w5.
 COMPONENTS = ("logic", "novelty", "impact", "repro", "meta")
 
-#: Inelastic mean free path of 300 kV electrons in vitreous ice, Å: the thickness estimate
-#: from attenuation is ``t = λ ln(I0 / I)`` (energy-filtered imaging; about 3200 Å
-#: measured by Rice et al. 2018, J. Struct. Biol. 204, 38).
-ICE_MEAN_FREE_PATH_A = 3200.0
-
-#: The amorphous-ice ring's spacing, Å.
-ICE_RING_A = 3.66
 
 #: Every rule: name -> what passing it means.
 RULES = {
@@ -736,6 +736,53 @@ def learn_weights(components: dict, quality, *, n_trials: int = 300, seed: int =
 
 
 # --- curation ----------------------------------------------------------------------------------
+
+#: The columns of a score table, in order (those a dataset lacks are left out).
+TABLE_COLUMNS = ("logic", "novelty", "impact", "repro", "meta", "V", "hyperscore", "failed_rules", "top_cause",
+                 "failure_reasons", "quality_expected", "quality_predicted", "ice_thickness_A",
+                 "pixel_size_estimate_A", "defocus_u_A", "defocus_v_A", "ctf_fit_resolution_A", "n_hot_pixels",
+                 "n_xray_pixels", "n_defect_pixels")
+
+
+def scores_table(scores):
+    """One row per micrograph of :func:`cryodask.pipeline.score_dataset`'s result (or a store
+    holding it): ``micrograph`` (the input path as given), :data:`TABLE_COLUMNS`, and a
+    ``rule_<name>`` column per rule (1 pass, 0 fail, empty where it does not apply)."""
+    import pandas as pd
+
+    n = scores.sizes["micrograph"]
+    table = pd.DataFrame({"micrograph": [str(v) for v in scores["micrograph_name"].values]})
+    for name in TABLE_COLUMNS:
+        if name == "failure_reasons":
+            table[name] = [" | ".join(str(scores[f"reason_{r}"].values[i]) for r in RULES
+                                      if f"rule_{r}" in scores and scores[f"rule_{r}"].values[i] == 0)
+                           for i in range(n)]
+        elif name in scores:
+            table[name] = scores[name].values
+    for rule in RULES:
+        if f"rule_{rule}" in scores:
+            table[f"rule_{rule}"] = scores[f"rule_{rule}"].values
+    return table
+
+
+def write_table(table, path) -> None:
+    """Write a table as CSV under a temporary name, renamed when complete."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.partial")
+    table.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, path)
+
+
+def write_selection(ds, keep, path) -> None:
+    """The selected micrographs' CTF as a RELION STAR file, with ``rlnMicrographIceThickness``
+    (Å; -1 where unknown). ``ds`` holds the acquisition, CTF and score variables."""
+    from cryodask.io.star import write_ctf_star
+
+    chosen = ds.isel(micrograph=np.flatnonzero(keep))
+    write_ctf_star(chosen, path, extra={
+        "rlnMicrographIceThickness": np.nan_to_num(np.asarray(chosen["ice_thickness_A"].values, np.float64),
+                                                   nan=-1.0)})
 
 _CLAUSE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|>|<)\s*([-+0-9.eE]+|'[^']*'|\"[^\"]*\")\s*$")
 
