@@ -168,10 +168,10 @@ def _paths(config):
 
 
 def _given_store(config):
-    from cryodask.cli import _is_store
-
     inputs = config["inputs"]
-    return inputs[0] if len(inputs) == 1 and _is_store(inputs[0]) else None
+    path = inputs[0]
+    is_store = os.path.isdir(path) and os.path.isfile(os.path.join(path, "zarr.json"))
+    return path if len(inputs) == 1 and is_store else None
 
 
 def plan(config) -> list[str]:
