@@ -6,6 +6,9 @@ lazy variables; nothing is computed until the caller writes or computes them.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import array_api_compat
 import numpy as np
 import xarray as xr
@@ -338,7 +341,7 @@ def _noise_fields(ds, ctf, gain, known, white, ice_scale, particle_power=None, u
 
 
 def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defects=None,
-                  prior: bool = False, uncertainty: bool = False) -> xr.Dataset:
+                  prior: bool = False, uncertainty: bool = False, checkpoint=None) -> xr.Dataset:
     """Each micrograph's noise variance per cause and counterfactual gains (lazy).
 
     Parameters
@@ -358,6 +361,9 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         Also decompose each half of every micrograph alone (twice the work) and give the
         standard errors ``share_<cause>_se`` and ``gain_<cause>_se``: half the difference of
         the halves, spatial heterogeneity (an ice gradient) included.
+    checkpoint : cryodask.checkpoint.Checkpoint, optional
+        Keeps the first pass's results per micrograph as they complete, and reads back
+        those of an interrupted run.
 
     Returns
     -------
@@ -386,7 +392,11 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     spectrum = None
     first_shell = first_param + 7
     if prior:
-        (measured,) = progress.compute(result.isel(noise_field=slice(first_param, None)))
+        first_pass = result.isel(noise_field=slice(first_param, None))
+        if checkpoint is not None:
+            measured = checkpoint.compute("noise_first_pass", first_pass)
+        else:
+            (measured,) = progress.compute(first_pass)
         measured = np.asarray(measured)
         values = measured[:, :4]
         shells = measured[:, 7:7 + 2 * N_SHELLS].reshape(n_micrographs, 2, N_SHELLS)
@@ -512,10 +522,34 @@ def score_measurements(raw: xr.Dataset, work: xr.Dataset, ctf: xr.Dataset, *, ex
     return out.assign_coords(descriptor_k=("descriptor_k", np.asarray(descriptor_k), {"units": "1/Å"}))
 
 
+def _resumable_defects(ds, gain_reference, defects, checkpoint):
+    from cryodask.clean import measure_defects
+    from cryodask.defects import DatasetDefects
+
+    if checkpoint is None:
+        return measure_defects(ds, gain_reference=gain_reference, defects=defects)
+    path = os.path.join(checkpoint.directory, "dataset_defects.npz")
+    if os.path.isfile(path):
+        with np.load(path) as saved:
+            found = DatasetDefects(defects=saved["defects"], gain=saved["gain"], raw_gain=saved["raw_gain"],
+                                   n_micrographs=int(saved["n_micrographs"]),
+                                   dead_rows=tuple(int(r) for r in saved["dead_rows"]),
+                                   dead_columns=tuple(int(c) for c in saved["dead_columns"]))
+        checkpoint.resumed["dataset_defects"] = ds.sizes["micrograph"]
+        if checkpoint.echo is not None:
+            checkpoint.echo(f"dataset defects and gain read back from {path}")
+        return found
+    found = measure_defects(ds, gain_reference=gain_reference, defects=defects)
+    tmp = path + ".partial.npz"
+    np.savez(tmp, **dataclasses.asdict(found))
+    os.replace(tmp, path)
+    return found
+
+
 def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=None, weights=None,
                   gain_reference=None, defects=None, clean: bool = True, reference: dict | None = None,
                   particle_density_per_um2: float = 100.0, n_neighbours: int = 1, n_bootstrap: int = 32,
-                  seed: int = 0):
+                  seed: int = 0, checkpoint=None):
     """Score every micrograph (computes: several passes over the dataset).
 
     Pass 1 finds the dataset's defects and gain (:func:`cryodask.clean.measure_defects`);
@@ -542,6 +576,10 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
         Nominal particle density for ImpactFore when the dataset holds no picks.
     n_neighbours, n_bootstrap, seed : int
         Novelty's neighbours; the prior's bootstrap resamples and their seed.
+    checkpoint : cryodask.checkpoint.Checkpoint, optional
+        Keeps each pass's per-micrograph results on disk as they complete; a run started
+        again after an interruption reads them back instead of recomputing them (the
+        dataset's defect statistics, one reduction, are kept once complete).
 
     Returns
     -------
@@ -555,7 +593,7 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     """
     from cryodask import progress
     from cryodask.causal import NOISE_CAUSES
-    from cryodask.clean import MIN_DATASET_MICROGRAPHS, clean_for_fitting, measure_defects
+    from cryodask.clean import MIN_DATASET_MICROGRAPHS, clean_for_fitting
     from cryodask.causal import dataset_quality
     from cryodask.score import (COMPONENTS, ICE_MEAN_FREE_PATH_A, RULES, RuleLimits, combine, default_weights,
                                 evaluate_rules, hyperscore, impact_forecast, logic_score, novelty,
@@ -567,18 +605,23 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     raw = ds if gain_reference is None else ds.assign(image=ds["image"] * np.asarray(gain_reference, np.float32))
     measured = None
     if clean and n >= MIN_DATASET_MICROGRAPHS:
-        measured = measure_defects(ds, gain_reference=gain_reference, defects=defects)
+        measured = _resumable_defects(ds, gain_reference, defects, checkpoint)
     if clean:
         work, exclude, extra = clean_for_fitting(ds, gain_reference=gain_reference, defects=defects,
                                                  measured=measured)
     else:
         work, exclude, extra = raw, None, xr.Dataset()
-    (ctf,) = progress.compute(xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude), extra]))
+    ctf = xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude), extra])
+    ctf = checkpoint.compute("ctf", ctf) if checkpoint is not None else progress.compute(ctf)[0]
     known = defects if measured is None else measured.defects
     noise = noise_dataset(raw, ctf, gain_estimate=None if measured is None else measured.gain, defects=known,
-                          prior=n >= MIN_DATASET_MICROGRAPHS)
+                          prior=n >= MIN_DATASET_MICROGRAPHS, checkpoint=checkpoint)
     measurements = score_measurements(raw, work, ctf, exclude=exclude, search=search, defects=known)
-    noise, measurements = progress.compute(noise, measurements)
+    if checkpoint is not None:
+        noise = checkpoint.compute("noise", noise)
+        measurements = checkpoint.compute("measurements", measurements)
+    else:
+        noise, measurements = progress.compute(noise, measurements)
     out = xr.merge([ctf, noise.drop_vars([v for v in noise.data_vars if v.startswith("band_share_")]),
                     measurements])
     shape = (ds.sizes["y"], ds.sizes["x"])

@@ -4,7 +4,9 @@
 before anything runs: an unknown key or a bad value is an error that names the key. Each
 stage leaves its results on disk (the store, STAR files, one MRC per restored micrograph),
 and a stage whose results are there is not run again: after an interruption, ``run``
-finishes what is missing, micrograph by micrograph for the restored files.
+finishes what is missing, micrograph by micrograph. The scoring passes keep each finished
+chunk of micrographs in ``OUT_DIR/scoring.partial/`` until the scores are in the store;
+restored micrographs are one file each.
 
 A configuration, with every key and its default::
 
@@ -164,7 +166,19 @@ def _paths(config):
     out = config["out_dir"]
     return {"store": os.path.join(out, "dataset.zarr"), "ctf_star": os.path.join(out, "micrographs_ctf.star"),
             "scores": os.path.join(out, "scores.csv"), "restored": os.path.join(out, "restored"),
-            "selected": os.path.join(out, "selected_micrographs_ctf.star"), "report": os.path.join(out, "report.html")}
+            "selected": os.path.join(out, "selected_micrographs_ctf.star"), "report": os.path.join(out, "report.html"),
+            "checkpoint": os.path.join(out, "scoring.partial")}
+
+
+def _checkpoint_key(config, ds):
+    """What the scores depend on: a checkpoint made with anything else is not reused."""
+    def file_key(path):
+        return None if path is None else [os.path.abspath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns]
+
+    return {"micrographs": [str(n) for n in ds["micrograph_name"].values],
+            "chunks": list(ds["image"].chunks[0]) if ds["image"].chunks else None,
+            "clean": config["clean"], "ctf": config["ctf"], "score": config["score"]["max_astigmatism_A"],
+            "gain": file_key(config["gain"]), "defects": file_key(config["defects"])}
 
 
 def _given_store(config):
@@ -188,9 +202,12 @@ def plan(config) -> list[str]:
     else:
         files = sorted({f for p in config["inputs"] for f in (glob.glob(p) or [p])})
         lines.append(f"ingest: {len(files)} file(s) -> {store}")
+    resumed = ""
+    if "hyperscore" not in have and os.path.isdir(paths["checkpoint"]):
+        resumed = f" (resuming from {paths['checkpoint']} where its settings match)"
     lines.append("clean, CTF, causes of noise, rules, scores: "
                  + ("skip (in the store)" if "hyperscore" in have else f"-> {store}, {paths['scores']}")
-                 + ("" if config["clean"] else " (no cleaning)"))
+                 + ("" if config["clean"] else " (no cleaning)") + resumed)
     lines.append(f"CTF STAR: -> {paths['ctf_star']}")
     method = config["restore"]["method"]
     if method in ("none", None):
@@ -250,11 +267,16 @@ def _run(config, paths, echo):
                        min_defocus_A=c["min_defocus_A"], max_defocus_A=c["max_defocus_A"],
                        max_astigmatism_A=c["max_astigmatism_A"])
     if "hyperscore" not in ds:
+        from cryodask.checkpoint import Checkpoint
+
         t = time.perf_counter()
         limits = RuleLimits.from_search(search, max_astigmatism_A=config["score"]["max_astigmatism_A"])
+        # Each pass keeps its finished micrographs here until the scores are in the store.
+        checkpoint = Checkpoint(paths["checkpoint"], _checkpoint_key(config, ds), echo=echo)
         scores, _ = pipeline.score_dataset(ds, search=search, limits=limits, gain_reference=gain, defects=known,
-                                           clean=config["clean"])
+                                           clean=config["clean"], checkpoint=checkpoint)
         write_variables(scores, store, overwrite=True)
+        checkpoint.remove()
         ds = open_dataset(store)
         echo(f"cleaned, fitted CTFs, decomposed the noise and scored {ds.sizes['micrograph']} micrographs "
              f"({time.perf_counter() - t:.1f} s)")

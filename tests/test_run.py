@@ -74,3 +74,70 @@ def test_run_dry_run_then_run_then_resume(tmp_path, capsys):
     assert "scored" not in text  # the scores were in the store
     assert {p: os.stat(p).st_mtime_ns for p in restored[:2]} == kept
     assert len(list((out / "restored").glob("*.mrc"))) == 5
+
+
+def test_a_killed_run_resumes_its_scoring_micrograph_by_micrograph(tmp_path, capsys):
+    """A real interruption (SIGKILL) in the middle of the scoring passes; the second run reads
+    the finished micrographs back and ends with the results of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    assert main(["simulate", str(tmp_path / "sim"), "--count", "6", "--size", "384", "--seed", "4"]) == 0
+    base = {"inputs": [str(tmp_path / "sim" / "mic_*.mrc")], "acquisition": {"dose_e_per_A2": 40.0},
+            "report": False, "restore": {"method": "none"}, "cluster": "threads"}
+    (tmp_path / "whole.yaml").write_text(yaml.safe_dump({**base, "out_dir": str(tmp_path / "whole")}))
+    (tmp_path / "cut.yaml").write_text(yaml.safe_dump({**base, "out_dir": str(tmp_path / "cut")}))
+    assert main(["run", str(tmp_path / "whole.yaml")]) == 0
+    assert not (tmp_path / "whole" / "scoring.partial").exists()  # removed once the scores are stored
+
+    partial = tmp_path / "cut" / "scoring.partial"
+    process = subprocess.Popen([sys.executable, "-m", "cryodask.cli", "run", str(tmp_path / "cut.yaml")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        # Killed once the CTF pass is through and the noise passes have begun.
+        while not list((partial / "noise_first_pass").glob("*.npz")) and time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert len(list((partial / "ctf").glob("*.npz"))) == 6
+    assert not (tmp_path / "cut" / "scores.csv").exists()
+
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "cut.yaml"), "--dry-run"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert main(["run", str(tmp_path / "cut.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "ctf: 6 of 6 micrographs read back" in text
+    assert "dataset defects and gain read back" in text
+    assert not partial.exists()
+    whole = pd.read_csv(tmp_path / "whole" / "scores.csv")
+    cut = pd.read_csv(tmp_path / "cut" / "scores.csv")
+    pd.testing.assert_frame_equal(whole, cut)
+    from cryodask.io.store import open_dataset
+
+    a, b = open_dataset(tmp_path / "whole" / "dataset.zarr"), open_dataset(tmp_path / "cut" / "dataset.zarr")
+    for name in ("defocus_u_A", "share_ice", "quality_expected", "hyperscore", "descriptor"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+def test_a_checkpoint_of_other_settings_is_not_reused(tmp_path):
+    from cryodask.checkpoint import Checkpoint
+
+    first = Checkpoint(tmp_path / "ck", {"ctf": {"min_defocus_A": 3000}})
+    (tmp_path / "ck" / "ctf").mkdir()
+    (tmp_path / "ck" / "ctf" / "0000000-0000001.npz").write_bytes(b"x")
+    Checkpoint(tmp_path / "ck", {"ctf": {"min_defocus_A": 3000}})
+    assert (tmp_path / "ck" / "ctf" / "0000000-0000001.npz").exists()
+    Checkpoint(tmp_path / "ck", {"ctf": {"min_defocus_A": 5000}})
+    assert not (tmp_path / "ck" / "ctf").exists()
+    first.remove()
+    assert not (tmp_path / "ck").exists()

@@ -1,0 +1,138 @@
+"""Resumable computation: per-micrograph results kept on disk as each chunk completes.
+
+A pass over a dataset (fit every micrograph's CTF, decompose its noise, ...) is a lazy
+xarray object whose variables run along ``micrograph``. :meth:`Checkpoint.compute` computes
+it chunk by chunk, each chunk's task writing its results to one file the moment it is done
+(under a temporary name, then renamed: a file that exists is whole). When the run is
+interrupted and started again, the chunks with a file are read back instead of computed.
+Every kernel of cryodask is deterministic for given inputs, so a resumed result is
+identical to an uninterrupted one.
+
+A checkpoint belongs to one computation: it carries a key (the inputs and settings that
+determine the results), and a checkpoint with another key is discarded, not reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import dask
+import numpy as np
+import xarray as xr
+
+__all__ = ["Checkpoint"]
+
+_KEY_FILE = "checkpoint.json"
+
+
+def _save(path, names, *arrays):
+    tmp = path + ".partial.npz"
+    payload = {}
+    for name, values in zip(names, arrays):
+        values = np.asarray(values)
+        # Text is stored as fixed-width unicode so the file loads without pickle.
+        payload[name] = values.astype(str) if values.dtype == object else values
+    np.savez(tmp, **payload)
+    os.replace(tmp, path)
+    return path
+
+
+def _chunk_blocks(array):
+    """One Delayed per chunk of the first axis, the other axes in one piece."""
+    whole = array.rechunk({axis: -1 for axis in range(1, array.ndim)})
+    delayed = whole.to_delayed(optimize_graph=False)
+    return list(delayed.reshape(delayed.shape[0], -1)[:, 0])
+
+
+class Checkpoint:
+    """A folder of finished chunks for the passes of one computation.
+
+    Parameters
+    ----------
+    directory : str
+        Created when missing. A key other than ``key`` found there empties it first.
+    key : dict
+        JSON-serialisable description of everything the results depend on.
+    echo : callable, optional
+        Told how many micrographs of each pass were read back.
+    """
+
+    def __init__(self, directory, key: dict, *, echo=None):
+        self.directory = os.fspath(directory)
+        self.echo = echo
+        self.resumed: dict[str, int] = {}
+        text = json.dumps(key, sort_keys=True, default=str)
+        key_path = os.path.join(self.directory, _KEY_FILE)
+        if os.path.isdir(self.directory):
+            try:
+                with open(key_path, encoding="utf-8") as fh:
+                    same = fh.read() == text
+            except OSError:
+                same = False
+            if not same:
+                shutil.rmtree(self.directory)
+        os.makedirs(self.directory, exist_ok=True)
+        with open(key_path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    def remove(self) -> None:
+        """Delete the folder (once the results are stored for good)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def compute(self, name: str, lazy):
+        """Compute ``lazy`` (a Dataset or DataArray along ``micrograph``), resuming.
+
+        Dask-backed variables must have ``micrograph`` as their first dimension; they are
+        computed one chunk of micrographs per task. Variables already in memory and the
+        coordinates are taken as they are.
+        """
+        from cryodask import progress
+
+        as_array = isinstance(lazy, xr.DataArray)
+        ds = lazy.to_dataset(name="__value__") if as_array else lazy
+        ds = ds.assign_coords({k: v.compute() for k, v in ds.coords.items() if v.chunks is not None})
+        lazy_names = [k for k, v in ds.data_vars.items() if v.chunks is not None]
+        for k in lazy_names:
+            if ds[k].dims[0] != "micrograph":
+                raise ValueError(f"checkpoint {name}: variable {k} does not run along micrograph first")
+        folder = os.path.join(self.directory, name)
+        os.makedirs(folder, exist_ok=True)
+        if lazy_names:
+            chunks = ds[lazy_names[0]].chunks[0]
+            ds = ds.assign({k: ds[k].chunk({"micrograph": chunks}) for k in lazy_names})
+            bounds = np.concatenate([[0], np.cumsum(chunks)]).astype(int)
+            paths = [os.path.join(folder, f"{a:07d}-{b:07d}.npz") for a, b in zip(bounds[:-1], bounds[1:])]
+            todo = [(a, b, p) for a, b, p in zip(bounds[:-1], bounds[1:], paths) if not os.path.isfile(p)]
+            done = int(sum(b - a for a, b, p in zip(bounds[:-1], bounds[1:], paths) if os.path.isfile(p)))
+            if done:
+                self.resumed[name] = done
+                if self.echo is not None:
+                    self.echo(f"{name}: {done} of {bounds[-1]} micrographs read back from {folder}")
+            # One Delayed per chunk and variable over the unoptimised graph, so that the
+            # variables of a chunk share their upstream tasks (optimising each separately
+            # would rename, and so repeat, the work they have in common).
+            blocks = {k: _chunk_blocks(ds[k].data) for k in lazy_names}
+            first = {int(a): i for i, a in enumerate(bounds[:-1])}
+            tasks = [dask.delayed(_save, pure=False)(p, lazy_names, *[blocks[k][first[int(a)]] for k in lazy_names])
+                     for a, b, p in todo]
+            if tasks:
+                progress.compute(*tasks)
+            parts = []
+            for p in paths:
+                with np.load(p) as part:
+                    parts.append({k: part[k] for k in lazy_names})
+            values = {}
+            for k in lazy_names:
+                stacked = np.concatenate([part[k] for part in parts], axis=0)
+                if ds[k].dtype == object:
+                    stacked = stacked.astype(object)
+                values[k] = (ds[k].dims, stacked, ds[k].attrs)
+            ds = ds.assign(values)
+        out = ds.compute()
+        if not as_array:
+            return out
+        value = out["__value__"]
+        value.name = lazy.name
+        return value
