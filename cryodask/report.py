@@ -15,6 +15,7 @@ import io
 import os
 
 import numpy as np
+import xarray as xr
 
 __all__ = ["write_report"]
 
@@ -165,10 +166,11 @@ def write_report(ds, path, *, micrographs=(), n_best: int = 2, n_worst: int = 2,
 
     Parameters
     ----------
-    ds : xarray.Dataset
+    ds : xarray.Dataset, or a sequence of them
         A store's dataset (``image`` and the acquisition variables), with whatever results
         it holds: CTF, noise shares, scores, rules (each section appears when its variables
-        are there).
+        are there). Several datasets (e.g. one store per image shape) are reported as one:
+        their distributions together, the best and worst among all.
     path : str
         The HTML file to write (replaced atomically).
     micrographs : sequence of str
@@ -178,6 +180,11 @@ def write_report(ds, path, *, micrographs=(), n_best: int = 2, n_worst: int = 2,
     threshold : float or None
         A HyperScore threshold drawn on its distribution.
     """
+    from cryodask.io.store import per_micrograph
+
+    groups = [ds] if isinstance(ds, xr.Dataset) else list(ds)
+    where = [(g, i) for g, d in enumerate(groups) for i in range(d.sizes["micrograph"])]
+    ds = per_micrograph(groups)
     n = ds.sizes["micrograph"]
     if "hyperscore" in ds:
         order = np.argsort(-np.nan_to_num(_values(ds, "hyperscore"), nan=-np.inf))
@@ -204,7 +211,8 @@ def write_report(ds, path, *, micrographs=(), n_best: int = 2, n_worst: int = 2,
         body.append(f"<h2>{html.escape(heading)}</h2>\n{picture}")
     body.append("<h2>Micrographs</h2>")
     for i, label in chosen:
-        body.append(_micrograph_section(ds, i, label))
+        group, index = where[i]
+        body.append(_micrograph_section(groups[group], index, label))
     page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:1200px;"
             "margin:auto}} img{max-width:100%}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -8,6 +8,10 @@ finishes what is missing, micrograph by micrograph. The scoring passes keep each
 chunk of micrographs in ``OUT_DIR/scoring.partial/`` until the scores are in the store;
 restored micrographs are one file each.
 
+Inputs of several image shapes become one store per shape (``dataset_<ny>x<nx>.zarr``),
+each scored as its own dataset (its own defect map, gain estimate and priors); the tables,
+STAR files, restored micrographs and the report cover them all.
+
 A configuration, with every key and its default::
 
     inputs: ["Micrographs/*.mrc"]     # files, glob patterns, or one store (required)
@@ -40,7 +44,6 @@ A configuration, with every key and its default::
 from __future__ import annotations
 
 import copy
-import glob
 import os
 import time
 
@@ -188,26 +191,60 @@ def _given_store(config):
     return path if len(inputs) == 1 and is_store else None
 
 
+def _groups(config, paths):
+    """[(store, files, checkpoint folder)]: one store per micrograph shape.
+
+    A store holds micrographs of one shape; inputs of several shapes (e.g. two detectors,
+    or micrographs cropped differently) become one store each, ``dataset_<ny>x<nx>.zarr``,
+    scored as separate datasets and reported together.
+    """
+    given = _given_store(config)
+    if given:
+        return [(given, None, paths["checkpoint"])]
+    from cryodask.ingest import expand_paths
+    from cryodask.io.images import probe
+
+    files = expand_paths(config["inputs"])
+    if config["restore"]["method"] not in ("none", None):
+        from cryodask.io.export import output_stem
+
+        seen = {}
+        for path in files:
+            stem = output_stem(path)
+            if stem in seen:
+                raise ConfigError(f"inputs: {seen[stem]} and {path} would both be restored to "
+                                  f"restored/{stem}.mrc; rename one, or set restore.method: none")
+            seen[stem] = path
+    shapes = {}
+    for path in files:
+        shapes.setdefault(tuple(probe(path).shape), []).append(path)
+    if len(shapes) == 1:
+        return [(paths["store"], files, paths["checkpoint"])]
+    out = config["out_dir"]
+    return [(os.path.join(out, f"dataset_{ny}x{nx}.zarr"), group, os.path.join(out, f"scoring_{ny}x{nx}.partial"))
+            for (ny, nx), group in sorted(shapes.items())]
+
+
 def plan(config) -> list[str]:
     """The stages ``run`` would do now, one line each ("skip" where the results are there)."""
     from cryodask.io.store import open_dataset
 
     paths = _paths(config)
-    store = _given_store(config) or paths["store"]
     lines = []
-    have = set()
-    if os.path.isdir(store):
-        have = set(open_dataset(store, incomplete="drop").data_vars)
-        lines.append(f"ingest: skip ({store} is there)")
-    else:
-        files = sorted({f for p in config["inputs"] for f in (glob.glob(p) or [p])})
-        lines.append(f"ingest: {len(files)} file(s) -> {store}")
-    resumed = ""
-    if "hyperscore" not in have and os.path.isdir(paths["checkpoint"]):
-        resumed = f" (resuming from {paths['checkpoint']} where its settings match)"
-    lines.append("clean, CTF, causes of noise, rules, scores: "
-                 + ("skip (in the store)" if "hyperscore" in have else f"-> {store}, {paths['scores']}")
-                 + ("" if config["clean"] else " (no cleaning)") + resumed)
+    for store, files, checkpoint in _groups(config, paths):
+        have = set()
+        if os.path.isdir(store):
+            have = set(open_dataset(store, incomplete="drop").data_vars)
+            lines.append(f"ingest: skip ({store} is there)")
+        else:
+            lines.append(f"ingest: {len(files)} file(s) -> {store}")
+        resumed = ""
+        if "hyperscore" not in have and os.path.isdir(checkpoint):
+            resumed = f" (resuming from {checkpoint} where its settings match)"
+        lines.append("clean, CTF, causes of noise, rules, scores: "
+                     + ("skip (in the store)" if "hyperscore" in have else f"-> {store}")
+                     + ("" if config["clean"] else " (no cleaning)") + resumed)
+    lines.append(f"scores table: -> {paths['scores']}")
     lines.append(f"CTF STAR: -> {paths['ctf_star']}")
     method = config["restore"]["method"]
     if method in ("none", None):
@@ -241,38 +278,75 @@ def run(config, *, dry_run: bool = False, echo=print) -> dict:
 
 
 def _run(config, paths, echo):
-    from cryodask import pipeline
     from cryodask.ctf import CTFSearch
-    from cryodask.defects import read_defect_file, read_gain_reference
-    from cryodask.ingest import ingest
     from cryodask.io.star import write_ctf_star
-    from cryodask.io.store import open_dataset, write_variables
-    from cryodask.score import RuleLimits, scores_table, select, write_selection, write_table
+    from cryodask.io.store import per_micrograph
+    from cryodask.score import scores_table, select, write_selection, write_table
 
     start = time.perf_counter()
-    store = _given_store(config) or paths["store"]
+    c = config["ctf"]
+    search = CTFSearch(min_resolution_A=c["min_resolution_A"], max_resolution_A=c["max_resolution_A"],
+                       min_defocus_A=c["min_defocus_A"], max_defocus_A=c["max_defocus_A"],
+                       max_astigmatism_A=c["max_astigmatism_A"])
+    groups = _groups(config, paths)
+    if len(groups) > 1:
+        echo(f"{len(groups)} micrograph shapes: one store each, scored as separate datasets")
+    datasets = [_scored(config, store, files, checkpoint, search, echo) for store, files, checkpoint in groups]
+    combined = per_micrograph([ds for ds, _, _ in datasets])
+    table = scores_table(combined)
+    write_table(table, paths["scores"])
+    write_ctf_star(combined, paths["ctf_star"])
+    written = {"store": groups[0][0] if len(groups) == 1 else [g[0] for g in groups],
+               "scores": paths["scores"], "ctf_star": paths["ctf_star"]}
+    method = config["restore"]["method"]
+    if method not in ("none", None):
+        for ds, gain, known in datasets:
+            _restore(ds, config, paths, method, gain, known, echo)
+        write_ctf_star(combined, os.path.join(paths["restored"], "micrographs_ctf.star"))
+        written["restored"] = paths["restored"]
+    if config["score"]["select"]:
+        keep = select(table, config["score"]["select"])
+        if keep.any():
+            write_selection(combined, keep, paths["selected"])
+            written["selected"] = paths["selected"]
+        echo(f"selected {int(keep.sum())} of {len(table)} ({config['score']['select']})")
+    if config["report"]:
+        from cryodask.report import write_report
+
+        shown = [ds for ds, _, _ in datasets]
+        written["report"] = write_report(shown[0] if len(shown) == 1 else shown, paths["report"],
+                                         title=f"cryodask: {config['out_dir']}")
+    echo(f"finished in {time.perf_counter() - start:.1f} s; results in {config['out_dir']}/")
+    return written
+
+
+def _scored(config, store, files, checkpoint_dir, search, echo):
+    """Ingest (unless the store is there) and score (unless the scores are); the dataset,
+    and the gain reference and known defects read for its shape."""
+    from cryodask import pipeline
+    from cryodask.checkpoint import Checkpoint
+    from cryodask.defects import read_defect_file, read_gain_reference
+    from cryodask.ingest import ingest
+    from cryodask.io.store import open_dataset, write_variables
+    from cryodask.score import RuleLimits
+
+    t = time.perf_counter()
     if os.path.isdir(store):
         # A store appears only once ingested completely; variables whose write was
         # interrupted are left out and computed again.
         ds = open_dataset(store, incomplete="drop")
     else:
         acquisition = {k: v for k, v in config["acquisition"].items() if v is not None}
-        ds = ingest(config["inputs"], store, metadata=config["metadata"] or None, **acquisition)
-        echo(f"ingested {ds.sizes['micrograph']} micrographs -> {store} ({time.perf_counter() - start:.1f} s)")
+        ds = ingest(files, store, metadata=config["metadata"] or None, **acquisition)
+        echo(f"ingested {ds.sizes['micrograph']} micrographs -> {store} ({time.perf_counter() - t:.1f} s)")
     shape = (ds.sizes["y"], ds.sizes["x"])
     gain = read_gain_reference(config["gain"], shape=shape) if config["gain"] else None
     known = read_defect_file(config["defects"], shape) if config["defects"] else None
-    c = config["ctf"]
-    search = CTFSearch(min_resolution_A=c["min_resolution_A"], max_resolution_A=c["max_resolution_A"],
-                       min_defocus_A=c["min_defocus_A"], max_defocus_A=c["max_defocus_A"],
-                       max_astigmatism_A=c["max_astigmatism_A"])
     if "hyperscore" not in ds:
-        from cryodask.checkpoint import Checkpoint
-
         t = time.perf_counter()
         limits = RuleLimits.from_search(search, max_astigmatism_A=config["score"]["max_astigmatism_A"])
         # Each pass keeps its finished micrographs here until the scores are in the store.
-        checkpoint = Checkpoint(paths["checkpoint"], _checkpoint_key(config, ds), echo=echo)
+        checkpoint = Checkpoint(checkpoint_dir, _checkpoint_key(config, ds), echo=echo)
         scores, _ = pipeline.score_dataset(ds, search=search, limits=limits, gain_reference=gain, defects=known,
                                            clean=config["clean"], checkpoint=checkpoint)
         write_variables(scores, store, overwrite=True)
@@ -280,33 +354,14 @@ def _run(config, paths, echo):
         ds = open_dataset(store)
         echo(f"cleaned, fitted CTFs, decomposed the noise and scored {ds.sizes['micrograph']} micrographs "
              f"({time.perf_counter() - t:.1f} s)")
-    table = scores_table(ds)
-    write_table(table, paths["scores"])
-    write_ctf_star(ds, paths["ctf_star"])
-    written = {"store": store, "scores": paths["scores"], "ctf_star": paths["ctf_star"]}
-    method = config["restore"]["method"]
-    if method not in ("none", None):
-        written["restored"] = _restore(ds, config, paths, method, search, gain, known, echo)
-    if config["score"]["select"]:
-        keep = select(table, config["score"]["select"])
-        if keep.any():
-            write_selection(ds, keep, paths["selected"])
-            written["selected"] = paths["selected"]
-        echo(f"selected {int(keep.sum())} of {len(table)} ({config['score']['select']})")
-    if config["report"]:
-        from cryodask.report import write_report
-
-        written["report"] = write_report(ds, paths["report"], title=f"cryodask: {config['out_dir']}")
-    echo(f"finished in {time.perf_counter() - start:.1f} s; results in {config['out_dir']}/")
-    return written
+    return ds, gain, known
 
 
-def _restore(ds, config, paths, method, search, gain, known, echo):
+def _restore(ds, config, paths, method, gain, known, echo):
     import numpy as np
 
     from cryodask import pipeline, progress
     from cryodask.io.export import export_mrc, output_stem
-    from cryodask.io.star import write_ctf_star
 
     out_dir = paths["restored"]
     names = [str(n) for n in ds["micrograph_name"].values]
@@ -329,5 +384,3 @@ def _restore(ds, config, paths, method, search, gain, known, echo):
              + (f"; {len(names) - len(todo)} were done already" if len(todo) < len(names) else ""))
     else:
         echo(f"restore: all {len(names)} micrographs were done already")
-    write_ctf_star(ds, os.path.join(out_dir, "micrographs_ctf.star"))
-    return out_dir

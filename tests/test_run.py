@@ -141,3 +141,39 @@ def test_a_checkpoint_of_other_settings_is_not_reused(tmp_path):
     assert not (tmp_path / "ck" / "ctf").exists()
     first.remove()
     assert not (tmp_path / "ck").exists()
+
+
+def test_inputs_of_two_shapes_become_two_stores_reported_together(tmp_path, capsys):
+    """Like the two EPU micrographs of different sizes: one store per shape, one table, one
+    STAR file, one restored folder and one report over both."""
+    import pandas as pd
+
+    assert main(["simulate", str(tmp_path / "a"), "--count", "3", "--size", "384", "--seed", "2"]) == 0
+    assert main(["simulate", str(tmp_path / "b"), "--count", "2", "--size", "320", "--seed", "3"]) == 0
+    inputs = [str(tmp_path / "a" / "mic_*.mrc"), str(tmp_path / "b" / "mic_*.mrc")]
+    config = {"inputs": inputs, "out_dir": str(tmp_path / "out"), "acquisition": {"dose_e_per_A2": 40.0}}
+    (tmp_path / "clash.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "clash.yaml")]) == 2
+    assert "would both be restored to restored/mic_0000.mrc" in capsys.readouterr().err
+    for path in sorted((tmp_path / "b").glob("mic_*.mrc")):
+        path.rename(path.with_name("other" + path.name[3:]))
+    inputs[1] = str(tmp_path / "b" / "other_*.mrc")
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({**config, "inputs": inputs}))
+    assert main(["run", str(tmp_path / "two.yaml"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "ingest: 3 file(s)" in text and "dataset_384x384.zarr" in text
+    assert "ingest: 2 file(s)" in text and "dataset_320x320.zarr" in text
+    assert main(["run", str(tmp_path / "two.yaml")]) == 0
+    assert "2 micrograph shapes" in capsys.readouterr().out
+    out = tmp_path / "out"
+    table = pd.read_csv(out / "scores.csv")
+    assert len(table) == 5 and table["hyperscore"].notna().all()
+    assert len(starfile.read(out / "micrographs_ctf.star")["micrographs"]) == 5
+    assert len(list((out / "restored").glob("*.mrc"))) == 5
+    import mrcfile
+
+    with mrcfile.open(out / "restored" / "other_0001.mrc") as mrc:
+        assert mrc.data.shape == (320, 320)
+    page = (out / "report.html").read_text()
+    assert "5 micrographs" in page

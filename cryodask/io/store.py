@@ -22,6 +22,7 @@ __all__ = [
     "IncompleteStoreError",
     "StoreError",
     "open_dataset",
+    "per_micrograph",
     "write_store",
     "write_variables",
 ]
@@ -158,3 +159,21 @@ def write_variables(ds: xr.Dataset, path, *, overwrite: bool = False) -> None:
     progress.compute(ds.to_zarr(path, mode="a", zarr_format=3, consolidated=False, compute=False))
     group = zarr.open_group(path, mode="r+")
     group.attrs[_PENDING_KEY] = sorted(set(group.attrs.get(_PENDING_KEY, [])) - set(names))
+
+
+def per_micrograph(datasets) -> xr.Dataset:
+    """The variables with one value per micrograph of several datasets, one after the other.
+
+    Datasets of different image shapes cannot share a store; their per-micrograph results
+    (CTF, noise, scores, names) can share a table. Variables missing from any of them are
+    left out; image-sized variables are left out.
+    """
+    datasets = list(datasets)
+    if len(datasets) == 1:
+        ds = datasets[0]
+        return ds[[k for k, v in ds.data_vars.items() if v.dims == ("micrograph",)]]
+    names = [k for k, v in datasets[0].data_vars.items()
+             if v.dims == ("micrograph",) and all(k in d and d[k].dims == ("micrograph",) for d in datasets[1:])]
+    parts = [d[names].drop_vars([c for c in d.coords], errors="ignore") for d in datasets]
+    return xr.concat(parts, dim="micrograph", data_vars="all", coords="minimal", compat="override",
+                     combine_attrs="drop_conflicts")
