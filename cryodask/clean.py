@@ -170,13 +170,15 @@ def clean_dataset(ds: xr.Dataset, *, gain_reference=None, defects=None, dataset_
 
 
 def estimate_ctf_cleaned(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), gain_reference=None,
-                         defects=None, measured: DatasetDefects | None = None) -> xr.Dataset:
+                         defects=None, measured: DatasetDefects | None = None, prior=None,
+                         prior_window: float = 0.25) -> xr.Dataset:
     """CTF estimation robust to artifacts: clean, find regions, fit what is left (lazy).
 
     Each micrograph is corrected in memory (:func:`clean_dataset`, with the dataset's
     defects and gain when there are enough micrographs), its vacuum and contamination are
     left out of its spectrum, and the ice-ring shells carry no weight. Nothing is written.
-    ``gain_reference``, ``defects`` and ``measured`` are those of :func:`clean_dataset`.
+    ``gain_reference``, ``defects`` and ``measured`` are those of :func:`clean_dataset`;
+    ``prior`` and ``prior_window`` those of :func:`cryodask.pipeline.estimate_ctf_dataset`.
 
     Returns
     -------
@@ -187,7 +189,8 @@ def estimate_ctf_cleaned(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), gai
     """
     work, exclude, extra = clean_for_fitting(ds, gain_reference=gain_reference, defects=defects,
                                              measured=measured)
-    return xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude), extra])
+    return xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude, prior=prior,
+                                          prior_window=prior_window), extra])
 
 
 def clean_for_fitting(ds: xr.Dataset, *, gain_reference=None, defects=None,

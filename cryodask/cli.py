@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--phase-shift", action="store_true", help="also fit a phase-plate phase shift")
     p.add_argument("--compare", metavar="FILE",
                    help="compare with another program's results: RELION .star, CTFFIND .txt or cryoSPARC .cs")
+    g.add_argument("--prior", metavar="FILE",
+                   help="earlier CTF results (RELION .star, CTFFIND .txt, cryoSPARC .cs): search each matched "
+                        "micrograph's mean defocus near its value there")
+    g.add_argument("--prior-window", type=float, default=0.25, metavar="FRACTION",
+                   help="half-width of that search as a fraction of the prior defocus (default 0.25)")
     g.add_argument("--box-size", type=int, metavar="PX",
                    help="spectrum sampling as an equivalent tile size (default: from the search range)")
     g = p.add_argument_group("cleaning (on by default, in memory: nothing is written)")
@@ -372,16 +377,27 @@ def cmd_ctf(args) -> None:
                        min_defocus_A=args.min_defocus, max_defocus_A=args.max_defocus,
                        max_astigmatism_A=args.max_astigmatism, fit_phase_shift=args.phase_shift,
                        box_size=args.box_size)
+    if not 0.0 < args.prior_window < 1.0:
+        raise CLIError(f"--prior-window: expected a fraction in (0, 1), got {args.prior_window}")
+    prior = None
+    if args.prior:
+        from cryodask.io.ctf_results import read_ctf_results
+
+        try:
+            prior = read_ctf_results(args.prior)
+        except ValueError as err:
+            raise CLIError(f"--prior {err}") from None
     with _with_cluster(args.cluster):
         ds, store = _open_inputs(args)
         start = time.perf_counter()
         if args.no_clean:
-            lazy = pipeline.estimate_ctf_dataset(ds, search=search)
+            lazy = pipeline.estimate_ctf_dataset(ds, search=search, prior=prior, prior_window=args.prior_window)
         else:
             from cryodask.clean import estimate_ctf_cleaned
 
             gain, known = _gain_and_defects(args, (ds.sizes["y"], ds.sizes["x"]))
-            lazy = estimate_ctf_cleaned(ds, search=search, gain_reference=gain, defects=known)
+            lazy = estimate_ctf_cleaned(ds, search=search, gain_reference=gain, defects=known, prior=prior,
+                                        prior_window=args.prior_window)
         (results,) = progress.compute(lazy)
         elapsed = time.perf_counter() - start
         if store is not None:
@@ -409,6 +425,8 @@ def cmd_ctf(args) -> None:
               f"{float(row['defocus_v_A']):>10.0f} {float(row['defocus_angle_deg']):>7.1f} "
               f"{float(row['ctf_cc']):>7.3f} {float(row['ctf_fit_resolution_A']):>8.2f}{flag}")
     _report_cleaning(table, n)
+    if "ctf_prior" in results.attrs:
+        print(f"prior {args.prior}: {results.attrs['ctf_prior']}")
     if args.compare:
         _print_comparison(table, args.compare)
     bad = int((~table["ctf_reliable"]).sum())

@@ -110,12 +110,16 @@ def _spectrum_stack(images, *, tile_size, overlap):
     return xp.reshape(out, (*images.shape[:-2], tile_size, tile_size // 2 + 1))
 
 
-def _ctf_block(images, pixel, voltage, cs, ac, exclude, *, search, clip_sigma):
+def _ctf_block(images, pixel, voltage, cs, ac, exclude, prior, *, search, clip_sigma, prior_window):
     out = np.empty((images.shape[0], len(CTF_VARIABLES)), dtype=np.float64)
     for i in range(images.shape[0]):
+        searched = search
+        if np.isfinite(prior[i]) and prior[i] > 0:
+            searched = dataclasses.replace(search, min_defocus_A=float(prior[i]) * (1.0 - prior_window),
+                                           max_defocus_A=float(prior[i]) * (1.0 + prior_window))
         # Unreliable fits are recorded in ctf_reliable and reported by the caller.
         fit = estimate_ctf(images[i], pixel_size_A=float(pixel[i]), voltage_kV=float(voltage[i]),
-                           cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]), search=search,
+                           cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]), search=searched,
                            exclude=exclude[i] if exclude.ndim == 3 else None, clip_sigma=clip_sigma,
                            warn=False)
         out[i] = [fit.defocus_u_A, fit.defocus_v_A, fit.defocus_angle_deg, fit.phase_shift_deg,
@@ -124,7 +128,8 @@ def _ctf_block(images, pixel, voltage, cs, ac, exclude, *, search, clip_sigma):
 
 
 def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
-                         exclude: xr.DataArray | None = None, clip_sigma: float | None = 6.0) -> xr.Dataset:
+                         exclude: xr.DataArray | None = None, clip_sigma: float | None = 6.0,
+                         prior=None, prior_window: float = 0.25) -> xr.Dataset:
     """Estimate the CTF of every micrograph, lazily, one task per micrograph.
 
     Parameters
@@ -138,6 +143,13 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
     clip_sigma : float or None
         The kernel's outlier guard (:func:`cryodask.ctf.clip_outliers`); None fits the
         raw pixels.
+    prior : DataFrame, optional
+        Earlier CTF results (:func:`cryodask.io.read_ctf_results`: RELION STAR, CTFFIND
+        text, cryoSPARC ``.cs``), matched to the micrographs by file stem. A matched
+        micrograph's mean defocus is searched within ``prior_window`` (a fraction) of the
+        prior's instead of over ``search``'s range; the others keep that range.
+    prior_window : float
+        Half-width of the prior's window, as a fraction of its mean defocus, in (0, 1).
 
     Returns
     -------
@@ -145,6 +157,8 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
         The variables of :data:`CTF_VARIABLES` along ``micrograph`` (``ctf_reliable`` is
         False where the spectrum shows no significant Thon rings).
     """
+    if not 0.0 < prior_window < 1.0:
+        raise ValueError(f"prior_window: expected a fraction in (0, 1), got {prior_window!r}")
     image = ds["image"]
     check_image_chunks(image)
     chunks = image.chunks[0] if image.chunks is not None else None
@@ -158,14 +172,24 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
         exclude_dims = []
     else:
         exclude_dims = ["y", "x"]
+    n = image.sizes["micrograph"]
+    if prior is None:
+        centre = np.full(n, np.nan)
+    else:
+        from cryodask.io.ctf_results import prior_defocus
+
+        centre = prior_defocus([str(name) for name in ds["micrograph_name"].values], prior)
+    n_prior = int(np.isfinite(centre).sum())
+    centre = xr.DataArray(centre, dims=("micrograph",))
+    centre = centre.chunk({"micrograph": chunks}) if chunks is not None else centre
     result = xr.apply_ufunc(
-        _ctf_block, image, *scalars, exclude,
-        input_core_dims=[["y", "x"], [], [], [], [], exclude_dims],
+        _ctf_block, image, *scalars, exclude, centre,
+        input_core_dims=[["y", "x"], [], [], [], [], exclude_dims, []],
         output_core_dims=[["ctf_field"]],
         dask="parallelized",
         output_dtypes=[np.float64],
         dask_gufunc_kwargs={"output_sizes": {"ctf_field": len(CTF_VARIABLES)}},
-        kwargs={"search": search, "clip_sigma": clip_sigma},
+        kwargs={"search": search, "clip_sigma": clip_sigma, "prior_window": prior_window},
         keep_attrs=False,
     )
     out = xr.Dataset()
@@ -174,6 +198,9 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
         values = values.astype(bool) if name == "ctf_reliable" else values.astype(np.float32)
         out[name] = values.assign_attrs(units=units)
     out.attrs["ctf_search"] = repr(search)
+    if prior is not None:
+        out.attrs["ctf_prior"] = (f"{n_prior} of {n} micrographs searched within "
+                                  f"{prior_window:.0%} of a prior mean defocus")
     return out
 
 
@@ -549,7 +576,7 @@ def _resumable_defects(ds, gain_reference, defects, checkpoint):
 def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=None, weights=None,
                   gain_reference=None, defects=None, clean: bool = True, reference: dict | None = None,
                   particle_density_per_um2: float = 100.0, n_neighbours: int = 1, n_bootstrap: int = 32,
-                  seed: int = 0, checkpoint=None):
+                  seed: int = 0, checkpoint=None, ctf_prior=None, prior_window: float = 0.25):
     """Score every micrograph (computes: several passes over the dataset).
 
     Pass 1 finds the dataset's defects and gain (:func:`cryodask.clean.measure_defects`);
@@ -576,6 +603,8 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
         Nominal particle density for ImpactFore when the dataset holds no picks.
     n_neighbours, n_bootstrap, seed : int
         Novelty's neighbours; the prior's bootstrap resamples and their seed.
+    ctf_prior, prior_window :
+        Earlier CTF results to search near (see :func:`estimate_ctf_dataset`).
     checkpoint : cryodask.checkpoint.Checkpoint, optional
         Keeps each pass's per-micrograph results on disk as they complete; a run started
         again after an interruption reads them back instead of recomputing them (the
@@ -611,7 +640,8 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
                                                  measured=measured)
     else:
         work, exclude, extra = raw, None, xr.Dataset()
-    ctf = xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude), extra])
+    ctf = xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude, prior=ctf_prior,
+                                         prior_window=prior_window), extra])
     ctf = checkpoint.compute("ctf", ctf) if checkpoint is not None else progress.compute(ctf)[0]
     known = defects if measured is None else measured.defects
     noise = noise_dataset(raw, ctf, gain_estimate=None if measured is None else measured.gain, defects=known,

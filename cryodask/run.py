@@ -33,6 +33,9 @@ A configuration, with every key and its default::
       min_defocus_A: 3000.0
       max_defocus_A: 50000.0
       max_astigmatism_A: 3000.0
+      prior: null                     # earlier CTF results (RELION .star, CTFFIND .txt,
+                                      # cryoSPARC .cs): search near each micrograph's defocus
+      prior_window: 0.25              # ... within this fraction of it
     score:
       max_astigmatism_A: 1500.0       # the plausible astigmatism of the rules
       select: null                    # e.g. "hyperscore > 170 and logic >= 0.8"
@@ -65,7 +68,7 @@ DEFAULTS = {
     "gain": None,
     "defects": None,
     "ctf": {"min_resolution_A": 30.0, "max_resolution_A": 5.0, "min_defocus_A": 3000.0,
-            "max_defocus_A": 50000.0, "max_astigmatism_A": 3000.0},
+            "max_defocus_A": 50000.0, "max_astigmatism_A": 3000.0, "prior": None, "prior_window": 0.25},
     "score": {"max_astigmatism_A": 1500.0, "select": None},
     "restore": {"method": "wiener"},
     "report": True,
@@ -77,6 +80,7 @@ _RANGES = {
     "acquisition.dose_e_per_A2": (0.0, 10000.0), "ctf.min_resolution_A": (1.0, 1000.0),
     "ctf.max_resolution_A": (0.5, 100.0), "ctf.min_defocus_A": (0.0, 200000.0),
     "ctf.max_defocus_A": (0.0, 200000.0), "ctf.max_astigmatism_A": (0.0, 50000.0),
+    "ctf.prior_window": (0.01, 0.99),
     "score.max_astigmatism_A": (0.0, 50000.0),
 }
 
@@ -141,6 +145,13 @@ def _check(config):
     for key in ("gain", "defects"):
         if config[key] is not None and not os.path.isfile(config[key]):
             raise ConfigError(f"{key}: {config[key]}: no such file")
+    if ctf["prior"] is not None:
+        from cryodask.io.ctf_results import read_ctf_results
+
+        try:
+            read_ctf_results(ctf["prior"])
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"ctf.prior: {err}") from None
     return config
 
 
@@ -181,7 +192,8 @@ def _checkpoint_key(config, ds):
     return {"micrographs": [str(n) for n in ds["micrograph_name"].values],
             "chunks": list(ds["image"].chunks[0]) if ds["image"].chunks else None,
             "clean": config["clean"], "ctf": config["ctf"], "score": config["score"]["max_astigmatism_A"],
-            "gain": file_key(config["gain"]), "defects": file_key(config["defects"])}
+            "gain": file_key(config["gain"]), "defects": file_key(config["defects"]),
+            "prior": file_key(config["ctf"]["prior"])}
 
 
 def _given_store(config):
@@ -244,6 +256,9 @@ def plan(config) -> list[str]:
         lines.append("clean, CTF, causes of noise, rules, scores: "
                      + ("skip (in the store)" if "hyperscore" in have else f"-> {store}")
                      + ("" if config["clean"] else " (no cleaning)") + resumed)
+    if config["ctf"]["prior"]:
+        lines.append(f"CTF prior: defocus searched within {config['ctf']['prior_window']:.0%} of "
+                     f"{config['ctf']['prior']}'s, where it names the micrograph")
     lines.append(f"scores table: -> {paths['scores']}")
     lines.append(f"CTF STAR: -> {paths['ctf_star']}")
     method = config["restore"]["method"]
@@ -347,8 +362,14 @@ def _scored(config, store, files, checkpoint_dir, search, echo):
         limits = RuleLimits.from_search(search, max_astigmatism_A=config["score"]["max_astigmatism_A"])
         # Each pass keeps its finished micrographs here until the scores are in the store.
         checkpoint = Checkpoint(checkpoint_dir, _checkpoint_key(config, ds), echo=echo)
+        prior = None
+        if config["ctf"]["prior"]:
+            from cryodask.io.ctf_results import read_ctf_results
+
+            prior = read_ctf_results(config["ctf"]["prior"])
         scores, _ = pipeline.score_dataset(ds, search=search, limits=limits, gain_reference=gain, defects=known,
-                                           clean=config["clean"], checkpoint=checkpoint)
+                                           clean=config["clean"], checkpoint=checkpoint, ctf_prior=prior,
+                                           prior_window=config["ctf"]["prior_window"])
         write_variables(scores, store, overwrite=True)
         checkpoint.remove()
         ds = open_dataset(store)

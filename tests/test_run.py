@@ -32,7 +32,11 @@ def test_bad_configurations_name_the_key(tmp_path, capsys):
              "ctf.max_resolution_A (40) must be below"),
             ({"inputs": ["a.mrc"], "out_dir": "o", "restore": {"method": "magic"}}, "restore.method"),
             ({"inputs": ["a.mrc"], "out_dir": "o", "score": {"select": "colour > 1"}}, "score.select"),
-            ({"inputs": ["a.mrc"], "out_dir": "o", "clean": "yes"}, "clean: expected true or false")):
+            ({"inputs": ["a.mrc"], "out_dir": "o", "clean": "yes"}, "clean: expected true or false"),
+            ({"inputs": ["a.mrc"], "out_dir": "o", "ctf": {"prior": "none.star"}},
+             "ctf.prior: none.star: no such file"),
+            ({"inputs": ["a.mrc"], "out_dir": "o", "ctf": {"prior_window": 2}},
+             "ctf.prior_window: expected a number in [0.01, 0.99]")):
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             load_config(given)
     path = tmp_path / "bad.yaml"

@@ -18,7 +18,7 @@ import pandas as pd
 
 from cryodask.io.metadata import MetadataFileError, read_star_micrographs
 
-__all__ = ["compare_ctf", "read_ctf_results"]
+__all__ = ["compare_ctf", "prior_defocus", "read_ctf_results"]
 
 _COLUMNS = ["micrograph_name", "defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg"]
 
@@ -115,14 +115,24 @@ def read_ctf_results(path) -> pd.DataFrame:
     return _read_ctffind(path)
 
 
+def _key(name) -> str:
+    """Micrographs are matched by file stem: other programs name them by their own paths."""
+    return os.path.splitext(os.path.basename(str(name).split("@")[-1]))[0]
+
+
+def prior_defocus(names, table: pd.DataFrame) -> np.ndarray:
+    """Each named micrograph's mean defocus (Å) in ``table`` (from :func:`read_ctf_results`),
+    matched by file stem; NaN where the table does not have it."""
+    means = dict(zip(table["micrograph_name"].map(_key),
+                     0.5 * (table["defocus_u_A"].to_numpy(np.float64) + table["defocus_v_A"].to_numpy(np.float64))))
+    return np.array([means.get(_key(name), np.nan) for name in names], dtype=np.float64)
+
+
 def compare_ctf(ours: pd.DataFrame, theirs: pd.DataFrame) -> pd.DataFrame:
     """Matched micrographs (by file stem) side by side: mean defocus, astigmatism and angle
     of each, and the differences (ours - theirs; angles modulo 180°)."""
-    def key(name):
-        return os.path.splitext(os.path.basename(str(name).split("@")[-1]))[0]
-
-    a = ours.assign(key=ours["micrograph_name"].map(key))
-    b = theirs.assign(key=theirs["micrograph_name"].map(key)).drop_duplicates("key")
+    a = ours.assign(key=ours["micrograph_name"].map(_key))
+    b = theirs.assign(key=theirs["micrograph_name"].map(_key)).drop_duplicates("key")
     both = a.merge(b, on="key", suffixes=("", "_theirs"))
     out = pd.DataFrame({"micrograph": both["micrograph_name"]})
     for side, suffix in (("ours", ""), ("theirs", "_theirs")):
