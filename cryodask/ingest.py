@@ -179,7 +179,10 @@ def micrographs_dataset(
     return ds
 
 
-def ingest(paths, store, *, overwrite: bool = False, **options) -> xr.Dataset:
+def ingest(paths, store, *, overwrite: bool = False, pixel_size_A: float | None = None,
+           voltage_kV: float | None = None, cs_mm: float | None = None, amplitude_contrast: float | None = None,
+           dose_e_per_A2: float | None = None, metadata: Sequence | str | None = None,
+           coordinates: Sequence | str | None = None, stack: str = "auto") -> xr.Dataset:
     """Ingest micrograph files into a new store and return it, opened lazily.
 
     Parameters
@@ -221,7 +224,9 @@ def ingest(paths, store, *, overwrite: bool = False, **options) -> xr.Dataset:
     """
     from cryodask.io.store import open_dataset
 
-    ds = micrographs_dataset(paths, **options)
+    ds = micrographs_dataset(paths, pixel_size_A=pixel_size_A, voltage_kV=voltage_kV, cs_mm=cs_mm,
+                             amplitude_contrast=amplitude_contrast, dose_e_per_A2=dose_e_per_A2,
+                             metadata=metadata, coordinates=coordinates, stack=stack)
     write_store(ds, store, overwrite=overwrite)
     logger.info("ingested %d micrographs into %s", ds.sizes["micrograph"], store)
     return open_dataset(store)
