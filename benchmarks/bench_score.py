@@ -60,14 +60,57 @@ def score_and_truth(out_dir, truth, weights=None):
     seconds = time.perf_counter() - start
     work, _, _ = clean_for_fitting(ds, measured=measure_defects(ds))
     restored = pipeline.restore_dataset(work, scores).compute()
-    quality = []
+    quality, ceiling = [], []
     for i, path in enumerate(paths):
         stem = os.path.splitext(os.path.basename(path))[0]
         with mrcfile.open(os.path.join(out_dir, "truth", f"{stem}_projection.mrc"), permissive=True) as mrc:
             projection = np.asarray(mrc.data, np.float32)
         image = restored.values[i]
         quality.append(correlation(image, projection) if np.all(np.isfinite(image)) else 0.0)
-    return scores, np.asarray(quality), seconds
+        ceiling.append(expected_quality_oracle(np.asarray(work["image"][i].values), projection, truth.iloc[i],
+                                               scores.isel(micrograph=i)))
+    return scores, np.asarray(quality), seconds, np.asarray(ceiling)
+
+
+def expected_quality_oracle(cleaned, projection, truth, fit):
+    """The restoration's expected correlation with the truth, predicted by an oracle that
+    knows everything but the noise realisation.
+
+    It knows the true CTF, envelope (motion and coherence B), detector MTF and this
+    micrograph's own particle projection power per Fourier pixel, and applies the Wiener
+    filter the restoration applied (built from the fitted CTF, as ``cryodask restore``):
+    expected cross power ``Σ H·CTF·E·MTF·|P|²·mean`` over ``sqrt(Σ |P|² · Σ H²·|F|²)``. How
+    well it ranks micrographs by their true restored quality is the ceiling of any
+    prediction of expected quality: what it misses is the chance alignment of this noise
+    realisation with these particles.
+    """
+    from cryodask.physics import CTFParams, ctf_2d, frequency_grid
+    from cryodask.restore import fit_signal_noise, wiener_gain
+
+    if not np.isfinite(float(fit["defocus_u_A"])):
+        return np.nan
+    pixel = float(truth["pixel_size_A"])
+    x = np.asarray(cleaned, np.float32)
+    fitted = CTFParams(defocus_u_A=float(fit["defocus_u_A"]), defocus_v_A=float(fit["defocus_v_A"]),
+                       defocus_angle_deg=float(fit["defocus_angle_deg"]), voltage_kV=float(truth["voltage_kV"]),
+                       cs_mm=float(truth["cs_mm"]), amplitude_contrast=float(truth["amplitude_contrast"]))
+    k, signal, noise = fit_signal_noise(x, fitted, pixel_size_A=pixel)
+    h = wiener_gain(x.shape, fitted, pixel_size_A=pixel, k=k, signal=signal, noise=noise)
+    true = CTFParams(defocus_u_A=float(truth["defocus_u_A"]), defocus_v_A=float(truth["defocus_v_A"]),
+                     defocus_angle_deg=float(truth["defocus_angle_deg"]), voltage_kV=float(truth["voltage_kV"]),
+                     cs_mm=float(truth["cs_mm"]), amplitude_contrast=float(truth["amplitude_contrast"]),
+                     phase_shift_deg=float(truth["phase_shift_deg"]))
+    ky, kx = frequency_grid(x.shape, pixel, layout="rfft", dtype=np.float64)
+    k2 = ky**2 + kx**2
+    envelope = np.exp(-(float(truth["b_motion_A2"]) + float(truth["b_coherence_A2"])) * k2 / 4.0)
+    mtf = (np.sinc(kx * pixel) * np.sinc(ky * pixel)) ** float(truth["detector_mtf_power"])
+    f = np.fft.rfft2(x - x.mean())
+    p = np.fft.rfft2(projection - projection.mean())
+    weight = np.ones(f.shape)
+    weight[:, 1:(x.shape[1] + 1) // 2] = 2.0  # the half plane's columns that stand for two
+    p2 = np.abs(p) ** 2
+    cross = (weight * h * ctf_2d(ky, kx, true, with_envelope=False) * envelope * mtf * p2).sum() * float(x.mean())
+    return float(cross / np.sqrt((weight * p2).sum() * (weight * h * h * np.abs(f) ** 2).sum()))
 
 
 def components_of(scores):
@@ -105,11 +148,11 @@ def main(argv=None) -> int:
         for role, seed in (("learn", 101), ("judge", 202)):
             out_dir = os.path.join(tmp, role)
             truth = simulate(out_dir, args.count, args.size, seed)
-            scores, quality, seconds = score_and_truth(out_dir, truth)
-            data[role] = (scores, quality)
+            scores, quality, seconds, ceiling = score_and_truth(out_dir, truth)
+            data[role] = (scores, quality, ceiling)
             print(f"{role}: {args.count} micrographs of {args.size}² scored in {seconds:.1f} s "
                   f"({seconds / args.count:.2f} s each); true quality {quality.min():.3f}-{quality.max():.3f}")
-        scores, quality = data["learn"]
+        scores, quality, _ = data["learn"]
         command = (f"python -m benchmarks.bench_score --count {args.count} --size {args.size} "
                    f"--trials {args.trials} --seed {args.seed}")
         weights = learn_weights(components_of(scores), quality, n_trials=args.trials, seed=args.seed,
@@ -121,7 +164,7 @@ def main(argv=None) -> int:
               f"relearned with the same seed: {'identical' if again.w == weights.w and again.beta == weights.beta else 'DIFFERENT'}")
         if args.save_weights:
             weights.save(args.save_weights)
-        scores, quality = data["judge"]
+        scores, quality, ceiling = data["judge"]
         components = components_of(scores)
         v = combine(components, weights)
         rows = {"V (learned weights)": spearman(v, quality),
@@ -131,6 +174,7 @@ def main(argv=None) -> int:
             rows[f"{name} alone"] = spearman(components[name], quality)
         rows["expected quality (dataset particle spectrum)"] = spearman(np.asarray(scores["quality_expected"]), quality)
         rows["expected quality (own spectrum alone)"] = spearman(np.asarray(scores["quality_predicted"]), quality)
+        rows["oracle expected quality (the ceiling)"] = spearman(ceiling, quality)
         print(f"\nSpearman correlation with the true restored quality, {args.count} unseen micrographs:")
         for name, value in rows.items():
             print(f"  {name:<36} {value:+.3f}")

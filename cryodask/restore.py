@@ -26,7 +26,7 @@ import numpy as np
 from cryodask.backend import fft_module, namespace, to_numpy
 from cryodask.physics import CTFParams, ctf_2d, frequency_grid
 
-__all__ = ["fit_signal_noise", "phase_flip", "wiener_filter"]
+__all__ = ["fit_signal_noise", "phase_flip", "wiener_filter", "wiener_gain"]
 
 
 def _ctf_grid(shape, pixel_size_A, params, xp, device=None):
@@ -138,6 +138,23 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
     return centres, signal, noise
 
 
+def wiener_gain(shape, params: CTFParams, *, pixel_size_A: float, k, signal, noise, separate_ice: bool = True,
+                xp=np):
+    """The Wiener filter ``CTF·S_p / (CTF²·S + N)`` on the ``rfft2`` half plane of ``shape``
+    (see :func:`wiener_filter`, which applies it)."""
+    particles = signal
+    if separate_ice:
+        from cryodask.causal import ice_signal
+
+        particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
+    ky, kx, ctf = _ctf_grid(shape, pixel_size_A, params, xp)
+    kk = to_numpy(xp.sqrt(ky * ky + kx * kx) + 0.0 * kx).astype(np.float64)
+    s = xp.asarray(np.interp(kk, k, signal).astype(np.float32))
+    sp = xp.asarray(np.interp(kk, k, particles).astype(np.float32))
+    n = xp.asarray(np.maximum(np.interp(kk, k, noise), 1e-30).astype(np.float32))
+    return ctf * sp / (ctf * ctf * s + n)
+
+
 def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None, noise=None,
                   k=None, separate_ice: bool = True):
     """Wiener estimate of the CTF-free image: ``F · CTF·S_p / (CTF²·S + N)``.
@@ -169,18 +186,9 @@ def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None,
     x = xp.astype(image, xp.float32)
     if signal is None or noise is None or k is None:
         k, signal, noise = fit_signal_noise(image, params, pixel_size_A=pixel_size_A)
-    particles = signal
-    if separate_ice:
-        from cryodask.causal import ice_signal
-
-        particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
-    ky, kx, ctf = _ctf_grid(x.shape, pixel_size_A, params, xp)
-    kk = to_numpy(xp.sqrt(ky * ky + kx * kx) + 0.0 * kx).astype(np.float64)
-    s = xp.asarray(np.interp(kk, k, signal).astype(np.float32))
-    sp = xp.asarray(np.interp(kk, k, particles).astype(np.float32))
-    n = xp.asarray(np.maximum(np.interp(kk, k, noise), 1e-30).astype(np.float32))
+    gain = wiener_gain(x.shape, params, pixel_size_A=pixel_size_A, k=k, signal=signal, noise=noise,
+                       separate_ice=separate_ice, xp=xp)
     f = fft.rfftn(x - xp.mean(x), axes=(0, 1))
-    gain = ctf * sp / (ctf * ctf * s + n)
     return xp.astype(fft.irfftn(f * gain, s=x.shape, axes=(0, 1)), xp.float32)
 
 
