@@ -1,4 +1,9 @@
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -48,3 +53,36 @@ def sim_dir(tmp_path_factory):
 @pytest.fixture
 def data_path():
     return lambda name: os.path.join(DATA, name)
+
+
+@pytest.fixture
+def external_scheduler(tmp_path):
+    """A real ``dask scheduler`` and two ``dask worker`` processes (one thread each) on
+    127.0.0.1; yields the scheduler's address and stops them all afterwards."""
+    scheduler_file = tmp_path / "scheduler.json"
+    dask_cli = os.path.join(os.path.dirname(sys.executable), "dask")
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists():
+            if time.time() > deadline:
+                raise TimeoutError(f"{scheduler_file} did not appear")
+            time.sleep(0.2)
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                [dask_cli, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                 "--host", "127.0.0.1", "--no-dashboard", "--local-directory", str(tmp_path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        yield json.loads(scheduler_file.read_text())["address"]
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        assert all(proc.poll() is not None for proc in procs)

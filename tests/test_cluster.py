@@ -1,7 +1,4 @@
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import dask
@@ -110,47 +107,14 @@ def test_local_cluster_matches_threads_and_leaves_no_process(sim_dir, tmp_path):
     assert not (_children() - before)
 
 
-def _wait_for(path, timeout=60):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        if time.time() > deadline:
-            raise TimeoutError(f"{path} did not appear")
-        time.sleep(0.2)
-
-
-def test_external_scheduler_and_two_workers(sim_dir, tmp_path):
+def test_external_scheduler_and_two_workers(sim_dir, tmp_path, external_scheduler):
     """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1."""
-    scheduler_file = tmp_path / "scheduler.json"
-    bindir = os.path.dirname(sys.executable)
-    dask_cli = os.path.join(bindir, "dask")
-    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
-                               "--no-dashboard", "--scheduler-file", str(scheduler_file)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        _wait_for(scheduler_file)
-        for _ in range(2):
-            procs.append(subprocess.Popen(
-                [dask_cli, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
-                 "--host", "127.0.0.1", "--no-dashboard", "--local-directory", str(tmp_path)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        import json
-
-        address = json.loads(scheduler_file.read_text())["address"]
-        assert address.startswith("tcp://127.0.0.1:")
-        reference = _ingest_values(sim_dir, tmp_path / "threads.zarr")
-        with cluster_client(address) as client:
-            client.wait_for_workers(2, timeout=60)
-            worker_pids = set(client.run(os.getpid).values())
-            assert os.getpid() not in worker_pids and len(worker_pids) == 2
-            result = _ingest_values(sim_dir, tmp_path / "external.zarr")
-        np.testing.assert_array_equal(result[0], reference[0])
-    finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    assert all(proc.poll() is not None for proc in procs)
+    address = external_scheduler
+    assert address.startswith("tcp://127.0.0.1:")
+    reference = _ingest_values(sim_dir, tmp_path / "threads.zarr")
+    with cluster_client(address) as client:
+        client.wait_for_workers(2, timeout=60)
+        worker_pids = set(client.run(os.getpid).values())
+        assert os.getpid() not in worker_pids and len(worker_pids) == 2
+        result = _ingest_values(sim_dir, tmp_path / "external.zarr")
+    np.testing.assert_array_equal(result[0], reference[0])
