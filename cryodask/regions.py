@@ -20,7 +20,9 @@ Nyquist) level, relative to the median tile's spectrum. Each is compared
 with the median tile, in units of the robust spread of differences between neighbouring
 tiles (never less than a tile mean's own noise). A tile passes a test at ``z_threshold``
 spreads, or at half of it when the mean over its 3 x 3 neighbourhood does too (regions are
-wider than a tile, and the average has a third of the noise). A bright tile is
+wider than a tile, and the average has a third of the noise); a connected region of tiles
+each at least 2 spreads away passes when it stands out from the tiles around it as a step
+(its mean minus theirs, in units of the spread of that difference) at the threshold. A bright tile is
 vacuum; with that much more structure, carbon. A dark tile is contamination (or thick
 ice) when far darker (below 80 % of the ice for counting data, whose variance is about its
 mean; 4 x the threshold otherwise);
@@ -59,6 +61,8 @@ CONTAMINATION = 3
 
 REGION_CODES = {ICE: "ice", VACUUM: "vacuum", CARBON: "carbon", CONTAMINATION: "contamination"}
 _BY_NAME = {name: code for code, name in REGION_CODES.items()}
+#: Tiles this many spreads from the ice may form a region that is judged as a whole.
+_REGION_TILE_Z = 2.0
 
 
 @dataclass
@@ -131,7 +135,7 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
     f = np.hypot(fy, fx) / 0.5  # fraction of Nyquist
     high = spectra[..., (f > 0.7) & (f <= 1.0)].mean(axis=-1)
     shape_ = spectra / np.maximum(high, 1e-30)[..., None, None]  # spectra on their own noise level
-    band = (f > 0.3) & (f < 0.65)
+    band = (f > 0.1) & (f < 0.4)
     reference = np.median(shape_[..., band], axis=(0, 1))  # the median tile's spectral shape
     ratio = (shape_[..., band] / np.maximum(reference, 1e-30)).mean(axis=-1)
 
@@ -153,6 +157,8 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
             design = np.stack([np.ones(ty.size), ty, tx], axis=1)
             coef = np.linalg.lstsq(design[ice.ravel()], mean[ice], rcond=None)[0]
             m0 = (design @ coef).reshape(mean.shape)
+    # Against the final ice level, faint regions are judged whole as well.
+    tiles, z_mean = _classify(mean, m0, m_spread, z_mid, counts, z_threshold, whole_regions=True)
 
     mask = np.kron(tiles, np.ones((tile_px, tile_px), dtype=np.uint8))[: x.shape[0], : x.shape[1]]
     # Two box passes of half a tile: close to a Gaussian of tile/4, at a constant cost per pixel.
@@ -173,7 +179,7 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
     return RegionResult(tiles=tiles, mask=mask, tile_px=tile_px, features=features)
 
 
-def _classify(mean, m0, m_spread, z_mid, counts, z_threshold):
+def _classify(mean, m0, m_spread, z_mid, counts, z_threshold, whole_regions=False):
     """Tile classes from the tile means against the ice level ``m0`` and the structure z."""
     z_mean = (mean - m0) / m_spread
     strongly_dark = (mean < 0.8 * m0) if counts else (z_mean < -4.0 * z_threshold)
@@ -184,6 +190,21 @@ def _classify(mean, m0, m_spread, z_mid, counts, z_threshold):
     half = 0.5 * z_threshold
     bright = (z_mean > z_threshold) | ((area_mean > half) & (z_mean > half))
     dark = (z_mean < -z_threshold) | ((area_mean < -half) & (z_mean < -half))
+    # A region whose tiles each differ only a little (vacuum beside thin ice is a few per
+    # cent brighter) is judged whole, as a step from the ice around it: the difference of
+    # the means of its n tiles and of the m tiles around it has a spread of
+    # sqrt(1/n + 1/m). A smooth change of thickness is no step: its surroundings follow it.
+    for found, sign in ((bright, 1.0), (dark, -1.0)) if whole_regions else ():
+        labels, n = ndimage.label(sign * z_mean > _REGION_TILE_Z)
+        for i in range(1, n + 1):
+            region = labels == i
+            # The ice around it: tiles of other kinds (a carbon edge) are no reference.
+            ring = ndimage.binary_dilation(region) & ~region & (np.abs(z_mean) <= _REGION_TILE_Z)
+            if region.sum() < 2 or not ring.any():
+                continue
+            step = sign * (z_mean[region].mean() - z_mean[ring].mean())
+            if step / np.sqrt(1.0 / region.sum() + 1.0 / ring.sum()) > z_threshold:
+                found |= region
     structured = (z_mid > z_threshold) | ((area_mid > half) & (z_mid > half))
     tiles = np.full(mean.shape, ICE, dtype=np.uint8)
     tiles[structured] = CARBON
