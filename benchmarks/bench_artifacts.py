@@ -1,6 +1,6 @@
 """Artifacts and regions: recall, false positives, defect and gain recovery, region accuracy, speed.
 
-    python -m benchmarks.bench_artifacts [--quick] [--json FILE]
+    python -m benchmarks.bench_artifacts [--quick] [--only PART ...] [--seed N] [--json FILE]
 
 All on cryodask's simulator with its truth: per artifact type the share of its pixels
 flagged (recall) and the flagged good pixels per 10^5 (false positives), across dose and
@@ -22,6 +22,7 @@ from cryodask.defects import estimate_defects, micrograph_statistics
 from cryodask.regions import classify_regions
 from cryodask.simulate import DatasetRanges, Detector, MicrographParams, detector_state, draw_micrograph_params, simulate_micrograph
 
+PARTS = ("impulses", "dataset", "regions", "timing")
 DETECTOR = Detector(gain_std=0.03, n_dead_rows=1, n_dead_cols=2, n_stuck_pixels=20, seed=1)
 
 
@@ -90,7 +91,7 @@ def dataset_statistics(n, size, seed=0):
     return out
 
 
-def regions(doses, ices, repeats, size, tile=64):
+def regions(doses, ices, repeats, size, tile=64, seed=0):
     layouts = {"contamination": {"n_contamination": 3}, "vacuum": {"vacuum_fraction": 0.2},
                "carbon": {"carbon_fraction": 0.3},
                "mixed": {"carbon_fraction": 0.25, "vacuum_fraction": 0.15, "n_contamination": 2}}
@@ -100,7 +101,7 @@ def regions(doses, ices, repeats, size, tile=64):
             for ice in ices:
                 for r in range(repeats):
                     params = MicrographParams(shape=(size, size), dose_e_per_A2=dose, ice_thickness_A=ice, **layout)
-                    sim = simulate_micrograph(params, seed=100 * r + dose + ice)
+                    sim = simulate_micrograph(params, seed=100 * r + dose + ice + seed)
                     found = classify_regions(sim.image, tile_px=tile)
                     n = size // tile
                     t = sim.regions.reshape(n, tile, n, tile).transpose(0, 2, 1, 3).reshape(n, n, -1)
@@ -127,25 +128,51 @@ def timing(size=4096, repeats=2):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=PARTS, metavar="PART",
+                        help=f"run only these parts ({', '.join(PARTS)})")
+    parser.add_argument("--seed", type=int, default=0, help="added to the seeds of the dataset and region simulations (default 0)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    result = {}
     size = 512 if args.quick else 1024
     repeats = 1 if args.quick else 2
     doses, ices = (20, 40, 60), (150, 500, 1400)
-    result = {"impulses": impulses(doses, ices, repeats, size)}
+    if "impulses" in args.only:
+        _report_impulses(result, doses, ices, repeats, size)
+    if "dataset" in args.only:
+        _report_dataset(result, args.quick, args.seed)
+    if "regions" in args.only:
+        _report_regions(result, doses, ices, repeats, size, args.seed)
+    if "timing" in args.only and not args.quick:
+        result["timing"] = timing()
+        t = result["timing"]
+        print(f"\n4096² micrograph, one core: clean {t['clean_s']:.2f} s ({t['clean_ratio_to_floor']:.1f}x the "
+              f"rfft2 floor of {t['rfft2_floor_s']:.3f} s); regions {t['regions_s']:.2f} s")
+    write_json(args.json, result)
+    return 0
+
+
+def _report_impulses(result, doses, ices, repeats, size):
+    result["impulses"] = impulses(doses, ices, repeats, size)
     print(f"impulses, {size}² micrographs with 300 hot pixels and 20 X-ray clusters:")
     print(f"{'dose':>5} {'ice Å':>6} {'hot recall':>11} {'X-ray recall':>13} {'false /1e5':>11}")
     for r in result["impulses"]:
         print(f"{r['dose_e_per_A2']:>5} {r['ice_thickness_A']:>6} {r['recall_hot_pixel']:>11.4f} "
               f"{r['recall_xray']:>13.4f} {r['false_per_1e5']:>11.3f}")
-    result["dataset"] = dataset_statistics(16 if args.quick else 64, 256 if args.quick else 512)
+
+
+def _report_dataset(result, quick, seed):
+    result["dataset"] = dataset_statistics(16 if quick else 64, 256 if quick else 512, seed=seed)
     print("\ndefects and gain (gain std 3 %, half smooth, half pixel-to-pixel):")
     for n, d in result["dataset"].items():
         print(f"  {n:>3} micrographs: defects {d['defects_found']}/{d['defects_true']} found, "
               f"{d['defects_false']} false; gain correlation {d['gain_correlation']:.3f} "
               f"(unfiltered mean {d['raw_gain_correlation']:.3f}; the best linear filter, built from the "
               f"truth: {d['oracle_gain_correlation']:.3f})")
-    result["regions"] = regions(doses, ices, repeats, size)
+
+
+def _report_regions(result, doses, ices, repeats, size, seed):
+    result["regions"] = regions(doses, ices, repeats, size, seed=seed)
     print("\nregion tiles matching the truth's majority class (64-pixel tiles):")
     for layout in ("contamination", "vacuum", "carbon", "mixed"):
         acc = [r["tile_accuracy"] for r in result["regions"] if r["layout"] == layout]
@@ -153,13 +180,6 @@ def main(argv=None) -> int:
         worst = min(cases, key=lambda r: r["tile_accuracy"])
         print(f"  {layout:<14} median {np.median(acc):.3f}, worst {min(acc):.3f} (dose {worst['dose_e_per_A2']}, "
               f"ice {worst['ice_thickness_A']} Å), >= 0.95 in {sum(a >= 0.95 for a in acc)}/{len(acc)}")
-    if not args.quick:
-        result["timing"] = timing()
-        t = result["timing"]
-        print(f"\n4096² micrograph, one core: clean {t['clean_s']:.2f} s ({t['clean_ratio_to_floor']:.1f}x the "
-              f"rfft2 floor of {t['rfft2_floor_s']:.3f} s); regions {t['regions_s']:.2f} s")
-    write_json(args.json, result)
-    return 0
 
 
 if __name__ == "__main__":
