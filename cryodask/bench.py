@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-__all__ = ["run_benchmark"]
+__all__ = ["run_benchmark", "run_scaling"]
 
 
 def _floor_block(block):
@@ -120,6 +120,43 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
          f"{result['ratio_to_floor']:>8.2f}")
     echo(f"peak resident memory: {result['peak_rss_bytes'] / 1e9:.2f} GB")
     return result
+
+
+def run_scaling(*, size: int, counts, cluster: str | None = None, echo=print) -> dict:
+    """:func:`run_benchmark` for each count, each in a fresh process (so that each peak
+    memory is its own); then how the time per micrograph and the peak memory change with
+    the count.
+
+    Returns
+    -------
+    dict
+        ``runs``: each run's figures, as :func:`run_benchmark` returns them.
+    """
+    import subprocess
+    import sys
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for count in counts:
+            out = os.path.join(tmp, f"{count}.json")
+            command = [sys.executable, "-m", "cryodask.cli", "bench", "--size", str(size), "--count", str(count),
+                       "--json", out]
+            if cluster:
+                command += ["--cluster", cluster]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"cryodask bench --count {count} failed: {done.stderr.strip()[-2000:]}")
+            with open(out, encoding="utf-8") as fh:
+                runs.append(json.load(fh))
+            echo(done.stdout.rstrip())
+    first = runs[0]
+    first_per = first["megabytes"] / first["pipeline_mb_per_s"] / first["count"]
+    echo(f"\n{'count':>6} {'pipeline s / micrograph':>24} {'x the first':>12} {'x floor':>8} {'peak RSS GB':>12}")
+    for run in runs:
+        per = run["megabytes"] / run["pipeline_mb_per_s"] / run["count"]
+        echo(f"{run['count']:>6} {per:>24.3f} {per / first_per:>12.2f} {run['ratio_to_floor']:>8.2f} "
+             f"{run['peak_rss_bytes'] / 1e9:>12.2f}")
+    return {"size": size, "counts": list(counts), "runs": runs}
 
 
 def write_json(result: dict, path) -> None:

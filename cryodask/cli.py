@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "stage on the same store in one run; print seconds per micrograph, MB/s, "
                                    "the ratio to the floor and peak memory.")
     p.add_argument("--size", type=int, default=1024, help="pixels per side (default 1024)")
-    p.add_argument("--count", type=int, default=8, help="micrographs (default 8)")
+    p.add_argument("--count", type=int, nargs="+", default=[8], metavar="N",
+                   help="micrographs (default 8); several counts run one after another, each in a fresh "
+                        "process, and are compared: time per micrograph and peak memory against the count")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     _add_cluster(p)
 
@@ -684,10 +686,13 @@ def cmd_score(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from cryodask.bench import run_benchmark, write_json
+    from cryodask.bench import run_benchmark, run_scaling, write_json
 
-    with _with_cluster(args.cluster):
-        result = run_benchmark(size=args.size, count=args.count)
+    if len(args.count) > 1:
+        result = run_scaling(size=args.size, counts=args.count, cluster=args.cluster)
+    else:
+        with _with_cluster(args.cluster):
+            result = run_benchmark(size=args.size, count=args.count[0])
     if args.json:
         write_json(result, args.json)
         print(f"-> {args.json}")

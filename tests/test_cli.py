@@ -67,3 +67,15 @@ def test_bench_reports_the_floor_and_every_stage(tmp_path, capsys):
     assert result["stages"]["floor"]["ratio_to_floor"] == 1.0
     assert {"clean + regions + CTF", "noise model (2 passes)", "clean + restore + write"} <= set(result["stages"])
     assert "x floor" in capsys.readouterr().out
+
+
+def test_bench_over_several_counts_runs_each_in_its_own_process(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "scaling.json"
+    assert main(["bench", "--size", "256", "--count", "4", "8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [run["count"] for run in result["runs"]] == [4, 8]
+    assert all(run["peak_rss_bytes"] > 0 and run["ratio_to_floor"] > 1.0 for run in result["runs"])
+    text = capsys.readouterr().out
+    assert "pipeline s / micrograph" in text and "peak RSS GB" in text
