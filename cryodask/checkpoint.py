@@ -57,6 +57,11 @@ class Checkpoint:
         JSON-serialisable description of everything the results depend on.
     echo : callable, optional
         Told how many micrographs of each pass were read back.
+
+    Attributes
+    ----------
+    resumed : dict
+        Pass name -> micrographs read back instead of computed, in this run.
     """
 
     def __init__(self, directory, key: dict, *, echo=None):
@@ -104,8 +109,8 @@ class Checkpoint:
             ds = ds.assign({k: ds[k].chunk({"micrograph": chunks}) for k in lazy_names})
             bounds = np.concatenate([[0], np.cumsum(chunks)]).astype(int)
             paths = [os.path.join(folder, f"{a:07d}-{b:07d}.npz") for a, b in zip(bounds[:-1], bounds[1:])]
-            todo = [(a, b, p) for a, b, p in zip(bounds[:-1], bounds[1:], paths) if not os.path.isfile(p)]
-            done = int(sum(b - a for a, b, p in zip(bounds[:-1], bounds[1:], paths) if os.path.isfile(p)))
+            todo = [(i, p) for i, p in enumerate(paths) if not os.path.isfile(p)]
+            done = int(bounds[-1]) - sum(int(bounds[i + 1] - bounds[i]) for i, _ in todo)
             if done:
                 self.resumed[name] = done
                 if self.echo is not None:
@@ -114,9 +119,8 @@ class Checkpoint:
             # variables of a chunk share their upstream tasks (optimising each separately
             # would rename, and so repeat, the work they have in common).
             blocks = {k: _chunk_blocks(ds[k].data) for k in lazy_names}
-            first = {int(a): i for i, a in enumerate(bounds[:-1])}
-            tasks = [dask.delayed(_save, pure=False)(p, lazy_names, *[blocks[k][first[int(a)]] for k in lazy_names])
-                     for a, b, p in todo]
+            tasks = [dask.delayed(_save, pure=False)(p, lazy_names, *[blocks[k][i] for k in lazy_names])
+                     for i, p in todo]
             if tasks:
                 progress.compute(*tasks)
             parts = []
