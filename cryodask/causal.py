@@ -44,6 +44,7 @@ __all__ = [
     "NoiseDecomposition",
     "causal_graph",
     "decompose_noise",
+    "fit_envelope",
     "fit_ice_scale",
     "dataset_quality",
     "ice_signal",
@@ -163,8 +164,9 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     Returns
     -------
     NoiseDecomposition
-        With ``parameters``: the measured ``white`` and ``ice_scale`` as ``(value,
-        standard error)``.
+        With ``parameters``: the measured ``white``, ``ice_scale`` and, given
+        ``particle_power``, ``b_factor`` (the motion and coherence envelope relative to the
+        dataset's, :func:`fit_envelope`) as ``(value, standard error)``.
     """
     x = np.asarray(image, dtype=np.float32)
     found = find_impulses(x, defects=defects)
@@ -222,12 +224,14 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     if counting and dose_e_per_A2 is not None and np.isfinite(dose_e_per_A2) and dose_e_per_A2 > 0:
         attenuation = float(np.clip(mean / (dose_e_per_A2 * pixel_size_A**2), 0.05, 1.0))
     truth = None
+    envelope = (float("nan"), float("nan"))
     if particle_power is not None:
         shell_k, spectrum = (np.asarray(v, np.float64) for v in particle_power)
         good = np.isfinite(spectrum)
         if good.sum() >= 2:
             scale = mean if counting else 1.0
             truth = np.interp(k, shell_k[good], spectrum[good]) * scale**2
+            envelope = fit_envelope(k, np.clip(signal - ice_signal(k, signal), 0.0, None), truth)
     gains = _counterfactual_gains(k, signal, {**spectra, "artifacts": np.zeros_like(k)}, params,
                                   attenuation=attenuation, truth=truth)
     # A covered pixel carries no signal: quality scales with the square root of what is kept.
@@ -243,7 +247,7 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
                               counting=counting, band_shares=_band_shares(k, spectra),
                               shells=shells, scale=mean if counting else 1.0,
                               parameters={"white": (white_measured, white_error),
-                                          "ice_scale": (ice_scale, ice_error)},
+                                          "ice_scale": (ice_scale, ice_error), "b_factor": envelope},
                               quality=quality * np.sqrt(kept),
                               quality_model=lambda k_max=None: model(noise, k_max) * np.sqrt(kept))
 
@@ -349,6 +353,42 @@ def _ice_structure(k, signal, shape, pixel_size_A, params, scale=None):
     per_pixel = np.interp(kk, k, ice) * ctf2
     variance = float((per_pixel * weight).sum() / (shape[0] * shape[1]))
     return variance, ice * _mean_ctf2(k, params)
+
+
+#: The band in which a micrograph's envelope is measured against the dataset's particles (Å).
+ENVELOPE_BAND_A = (25.0, 5.0)
+
+
+def fit_envelope(k, particles, truth, *, band_A=ENVELOPE_BAND_A):
+    """The motion and coherence nodes: a micrograph's envelope B-factor relative to the
+    dataset's, with its standard error.
+
+    The particles' power a micrograph shows, ``particles(k) = E²(k) · truth(k)`` with
+    ``E = exp(-B k² / 4)`` relative to the dataset's particle spectrum ``truth`` (which
+    carries the dataset's mean envelope), is regressed as ``ln(particles / truth) = a - B
+    k² / 2`` over the shells in ``band_A`` (Å, up to 0.9 of Nyquist). Motion blur and
+    partial coherence both act through ``E``; the spectrum tells their sum only. ``B`` is
+    relative: 0 is the dataset's typical envelope, positive is blurrier.
+
+    Returns
+    -------
+    (float, float)
+        ``B`` in Å² and its standard error; NaN when fewer than 4 shells measure it.
+    """
+    k = np.asarray(k, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.asarray(particles, np.float64) / np.asarray(truth, np.float64)
+    top = min(1.0 / band_A[1], 0.9 * float(k.max()))
+    use = (k > 1.0 / band_A[0]) & (k < top) & np.isfinite(ratio) & (ratio > 0)
+    if use.sum() < 4:
+        return float("nan"), float("nan")
+    x, y = k[use] ** 2, np.log(ratio[use])
+    design = np.stack([np.ones_like(x), x], axis=1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    residual = y - design @ coef
+    spread = float(np.sum(residual**2) / max(use.sum() - 2, 1))
+    slope_error = np.sqrt(spread / float(np.sum((x - x.mean()) ** 2)))
+    return float(-2.0 * coef[1]), float(2.0 * slope_error)
 
 
 def _mean_ctf2(k, params):

@@ -299,8 +299,8 @@ def _n_noise_fields():
     # variance, gain and band shares per cause; white and ice_scale with their errors;
     # the expected quality, in all and up to the CTF fit's resolution; the scale and the
     # shells (power, CTF²) of the particle spectrum; the standard errors of the shares and
-    # gains.
-    return (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4 + 2 + 1 + 2 * N_SHELLS + 2 * len(NOISE_CAUSES)
+    # gains; the envelope B-factor with its error.
+    return (2 + len(BANDS_A)) * len(NOISE_CAUSES) + 4 + 2 + 1 + 2 * N_SHELLS + 2 * len(NOISE_CAUSES) + 2
 
 
 def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution, dose, white, ice_scale,
@@ -339,7 +339,7 @@ def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution,
                   + [v for c in NOISE_CAUSES for v in found.band_shares[c]]
                   + [*found.parameters["white"], *found.parameters["ice_scale"]]
                   + [found.quality, found.quality_model(1.0 / resolution[i]) if resolution[i] > 0 else np.nan]
-                  + [found.scale] + list(found.shells.ravel()) + errors)
+                  + [found.scale] + list(found.shells.ravel()) + errors + [*found.parameters["b_factor"]])
     return out
 
 
@@ -474,6 +474,12 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     edges = np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)
     out = out.assign_coords(shell_k=("shell_k", 0.5 * (edges[1:] + edges[:-1]), {"units": "1/Å"}))
     if spectrum is not None:
+        # The motion and coherence nodes, measured against the dataset's particle spectrum.
+        last = _n_noise_fields() - 2
+        out["b_factor_relative_A2"] = result.isel(noise_field=last, drop=True).astype(np.float32).assign_attrs(
+            units="Å²", meaning="envelope B-factor (motion and coherence) relative to the dataset's; "
+                                "positive is blurrier (cryodask.causal.fit_envelope)")
+        out["b_factor_relative_A2_error"] = result.isel(noise_field=last + 1, drop=True).astype(np.float32)
         out["particle_spectrum"] = ("shell_k", spectrum, {
             "meaning": "the particles' power shared by the dataset, per Fourier pixel, over the mean count squared"})
     out["quality_predicted"] = result.isel(noise_field=first_param + 4, drop=True).astype(np.float32).assign_attrs(

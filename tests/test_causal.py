@@ -169,3 +169,49 @@ def test_standard_errors_of_the_shares_match_their_scatter(tmp_path):
         rms = float(np.sqrt(np.mean(se**2)))
         assert scatter / 4 < rms < scatter * 4, (cause, rms, scatter)
     assert "gain_ice_se" in noise
+
+
+def test_fit_envelope_recovers_a_known_b_factor():
+    from cryodask.causal import fit_envelope
+
+    k = np.linspace(0.005, 0.5, 96)
+    truth = 1e-3 / (1.0 + (k / 0.05) ** 2)
+    b, error = fit_envelope(k, 3.0 * np.exp(-120.0 * k**2 / 2.0) * truth, truth)
+    assert b == pytest.approx(120.0, abs=1e-6) and error < 1e-6
+    rng = np.random.default_rng(0)
+    noisy = np.exp(-120.0 * k**2 / 2.0 + rng.normal(0.0, 0.2, k.size)) * truth
+    b, error = fit_envelope(k, noisy, truth)
+    assert abs(b - 120.0) < 4 * error and 0 < error < 100
+    assert np.isnan(fit_envelope(k[:3], truth[:3], truth[:3])[0])  # too few shells: no value
+
+
+def test_motion_and_coherence_envelope_follows_the_simulators_b_factor(tmp_path):
+    """The envelope node against the truth: 16 micrographs of 512², B (motion + coherence)
+    37-250 Å²; the estimates rank like the truth, and their scatter about it is the size of
+    their standard errors."""
+    import dask
+    import xarray as xr
+    from scipy.stats import spearmanr
+
+    from cryodask import pipeline
+    from cryodask.clean import clean_for_fitting, measure_defects
+    from cryodask.ingest import micrographs_dataset
+    from cryodask.simulate import DatasetRanges, draw_micrograph_params, write_simulated_dataset
+
+    params = draw_micrograph_params(16, shape=(512, 512), seed=5, ranges=DatasetRanges(
+        b_motion_A2=(10.0, 250.0), dose_e_per_A2=(20.0, 60.0), ice_thickness_A=(150.0, 1000.0)))
+    truth = write_simulated_dataset(tmp_path, params, detector=Detector(seed=5), seed=5)
+    with dask.config.set(scheduler="threads"):
+        ds = micrographs_dataset(str(tmp_path / "mic_*.mrc"))
+        measured = measure_defects(ds)
+        work, exclude, extra = clean_for_fitting(ds, measured=measured)
+        ctf = xr.merge([pipeline.estimate_ctf_dataset(work, exclude=exclude), extra]).compute()
+        noise = pipeline.noise_dataset(ds, ctf, gain_estimate=measured.gain, defects=measured.defects,
+                                       prior=True).compute()
+    b_true = (truth["b_motion_A2"] + truth["b_coherence_A2"]).to_numpy()
+    b = noise["b_factor_relative_A2"].values
+    error = noise["b_factor_relative_A2_error"].values
+    assert spearmanr(b, b_true).statistic > 0.5
+    residual = b - b_true
+    residual = residual - np.median(residual)  # the node is relative to the dataset's envelope
+    assert 1 / 3 < np.std(residual) / np.sqrt(np.mean(error**2)) < 3
