@@ -598,6 +598,9 @@ def cmd_noise(args) -> None:
         for name in ("n_hot_pixels", "n_xray_pixels", "n_defect_pixels"):
             row[name] = int(ctf[name][i])
         row["ctf_reliable"] = bool(ctf["ctf_reliable"][i])
+        if "b_factor_relative_A2" in noise:
+            row["b_factor_relative_A2"] = float(noise["b_factor_relative_A2"][i])
+            row["b_factor_relative_A2_se"] = float(noise["b_factor_relative_A2_error"][i])
         if args.uncertainty:
             row.update({f"{kind}_{c}_se": float(noise[f"{kind}_{c}_se"][i])
                         for kind in ("share", "gain") for c in NOISE_CAUSES})

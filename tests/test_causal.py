@@ -61,7 +61,8 @@ def test_cli_noise_writes_the_table(tmp_path):
     table = pd.read_csv(tmp_path / "noise.csv")
     expected = (["micrograph"] + [f"share_{c}" for c in NOISE_CAUSES]
                 + [f"gain_{c}" for c in NOISE_CAUSES] + ["top_cause", "n_hot_pixels", "n_xray_pixels",
-                                                         "n_defect_pixels", "ctf_reliable"])
+                                                         "n_defect_pixels", "ctf_reliable",
+                                                         "b_factor_relative_A2", "b_factor_relative_A2_se"])
     assert list(table.columns) == expected
     assert table["micrograph"].iloc[0] == str(tmp_path / "n0.mrc")
     np.testing.assert_allclose(table[[f"share_{c}" for c in NOISE_CAUSES]].sum(axis=1), 1.0, atol=1e-4)
