@@ -95,3 +95,35 @@ def test_not_a_store(tmp_path):
                                                     consolidated=False)
     with pytest.raises(StoreError, match="not a cryodask store"):
         open_dataset(tmp_path / "plain.zarr")
+
+
+@pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr version 3")
+def test_codecs_chosen_by_measurement_and_lossy_restored_images(tmp_path):
+    """New arrays are Blosc LZ4 + bit shuffle (lossless); keep_bits rounds a float
+    variable's mantissa, with an error below 2^-(bits+1) of each value."""
+    import zarr
+
+    from cryodask.io.store import open_dataset, write_store, write_variables
+
+    rng = np.random.default_rng(0)
+    image = rng.poisson(40.0, (2, 64, 64)).astype(np.float32)
+    ds = xr.Dataset({"image": (("micrograph", "y", "x"), image)})
+    write_store(ds, tmp_path / "s.zarr")
+    codecs = zarr.open_array(tmp_path / "s.zarr" / "image").metadata.codecs
+    assert any(type(c).__name__ == "BloscCodec" and c.cname.value == "lz4" for c in codecs)
+    restored = rng.normal(0.0, 1.0, image.shape).astype(np.float32)
+    write_variables(xr.Dataset({"exact": (("micrograph", "y", "x"), restored),
+                                "rounded": (("micrograph", "y", "x"), restored)}),
+                    tmp_path / "s.zarr", keep_bits={"rounded": 8})
+    back = open_dataset(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(back["image"].values, image)
+    np.testing.assert_array_equal(back["exact"].values, restored)
+    error = np.abs(back["rounded"].values - restored)
+    assert 0 < error.max() and np.all(error <= np.abs(restored) * 2.0**-9 * (1 + 1e-6))
+    with pytest.raises(ValueError, match="keep their codecs"):
+        write_variables(xr.Dataset({"rounded": (("micrograph", "y", "x"), restored)}), tmp_path / "s.zarr",
+                        overwrite=True, keep_bits={"rounded": 8})
+    with pytest.raises(ValueError, match="keep_bits"):
+        write_variables(xr.Dataset({"other": (("micrograph", "y", "x"), restored)}), tmp_path / "s.zarr",
+                        keep_bits={"other": 40})
+    assert "rounded" in open_dataset(tmp_path / "s.zarr").data_vars  # nothing left pending
