@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                       f"{row['read_mb_per_s']:>10.0f}")
             if "restored" in name:
                 spread = float(array.std())
-                print(f"  lossy (BitRound, then blosc zstd 1 bitshuffle); error in units of the image's sd:")
+                print("  lossy (BitRound, then blosc zstd 1 bitshuffle); error in units of the image's sd:")
                 for keep in (16, 12, 10, 8, 6):
                     back, size, write, read = _time_codec(
                         array, _codecs()["blosc zstd 1 bitshuffle"], folder, args.repeats,
