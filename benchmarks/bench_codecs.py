@@ -10,10 +10,8 @@ codec: the compression ratio and the MB/s of writing and reading the array on th
 machine's disk (best of ``--repeats``), against the uncompressed bytes.
 
 Lossy, for restored images only: rounding the float mantissa to ``k`` bits (``BitRound``)
-adds an error below ``2^-(k+1)`` of each value; it is reported in units of the restored
-image's own noise (the standard deviation of the restored image minus the restoration of
-the noise-free simulated micrograph... here measured simply against the restored
-image's standard deviation, an upper bound of its noise).
+changes each value by less than ``2^-(k+1)`` of it; the RMS change is reported in units of
+the restored image's standard deviation, with the ratio and speeds it gives.
 """
 
 from __future__ import annotations
