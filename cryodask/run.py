@@ -237,13 +237,16 @@ def _groups(config, paths):
             for (ny, nx), group in sorted(shapes.items())]
 
 
-def plan(config) -> list[str]:
-    """The stages ``run`` would do now, one line each ("skip" where the results are there)."""
+def plan(config, groups=None) -> list[str]:
+    """The stages ``run`` would do now, one line each ("skip" where the results are there).
+
+    ``groups`` are the stores and their files (:func:`_groups`), found here when not given.
+    """
     from cryodask.io.store import open_dataset
 
     paths = _paths(config)
     lines = []
-    for store, files, checkpoint in _groups(config, paths):
+    for store, files, checkpoint in groups or _groups(config, paths):
         have = set()
         if os.path.isdir(store):
             have = set(open_dataset(store, incomplete="drop").data_vars)
@@ -278,21 +281,22 @@ def run(config, *, dry_run: bool = False, echo=print) -> dict:
     With ``dry_run`` only the plan is printed and nothing is computed or written.
     """
     config = load_config(config)
-    for line in plan(config):
+    paths = _paths(config)
+    groups = _groups(config, paths)  # every input's header read once
+    for line in plan(config, groups):
         echo(("would " if dry_run else "") + line)
     if dry_run:
         return {}
     from cryodask.cluster import cluster_client, load_cluster_config
 
-    paths = _paths(config)
     os.makedirs(config["out_dir"], exist_ok=True)
     with cluster_client(load_cluster_config(config["cluster"])) as client:
         if client is not None:
             echo(f"Dask dashboard: {client.dashboard_link}")
-        return _run(config, paths, echo)
+        return _run(config, paths, groups, echo)
 
 
-def _run(config, paths, echo):
+def _run(config, paths, groups, echo):
     from cryodask.ctf import CTFSearch
     from cryodask.io.star import write_ctf_star
     from cryodask.io.store import per_micrograph
@@ -303,7 +307,6 @@ def _run(config, paths, echo):
     search = CTFSearch(min_resolution_A=c["min_resolution_A"], max_resolution_A=c["max_resolution_A"],
                        min_defocus_A=c["min_defocus_A"], max_defocus_A=c["max_defocus_A"],
                        max_astigmatism_A=c["max_astigmatism_A"])
-    groups = _groups(config, paths)
     if len(groups) > 1:
         echo(f"{len(groups)} micrograph shapes: one store each, scored as separate datasets")
     datasets = [_scored(config, store, files, checkpoint, search, echo) for store, files, checkpoint in groups]
