@@ -176,7 +176,15 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     clean = correct_pixels(x, found.mask, found.reference, found.sigma, counting=found.counting,
                            fano=found.fano, seed=0)
     mean = float(clean.mean())
-    k, signal, noise = fit_signal_noise(clean, params, pixel_size_A=pixel_size_A)
+    # One transform and one CTF² grid serve the spectral fit, the background, the ice and
+    # the shells.
+    f = np.fft.rfft2(clean - mean)
+    power = (f.real**2 + f.imag**2) / clean.size**2
+    del f
+    ky, kx = frequency_grid(clean.shape, pixel_size_A, layout="rfft")
+    ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
+    k, signal, noise = fit_signal_noise(clean, params, pixel_size_A=pixel_size_A, power=power * clean.size,
+                                        ctf2=ctf2)
     nyquist = 0.5 / pixel_size_A
     fixed = fixed or {}
     unknown = sorted(set(fixed) - {"white", "ice_scale"})
@@ -193,19 +201,16 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     smooth_gain = 0.0
     if gain_estimate is not None:
         smoothed = smooth_gain_pattern(gain_estimate)
-        smooth_gain = float(np.var(smoothed * mean))
+        smooth_gain = smoothed.variance * mean**2
     variance["detector"] = max(white - shot, 0.0) + smooth_gain + defect_var
 
     # Low-frequency power above the white level: thickness background (and smooth gain).
-    f = np.fft.rfft2(clean - mean)
-    power = (f.real**2 + f.imag**2) / clean.size**2
-    ky, kx = frequency_grid(clean.shape, pixel_size_A, layout="rfft", dtype=np.float64)
     kk = np.sqrt(ky**2 + kx**2) + 0 * kx
     weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
     low = (kk > 0) & (kk < 1.0 / 200.0)
     background = float((weight * power)[low].sum()) - white * float(weight[low].sum()) / clean.size
     ice_structure, ice_spectrum = _ice_structure(k, signal, clean.shape, pixel_size_A, params,
-                                                 scale=fixed.get("ice_scale", ice_scale))
+                                                 scale=fixed.get("ice_scale", ice_scale), ctf2=ctf2)
     variance["ice"] = max(background - smooth_gain, 0.0) + ice_structure
     # Each cause's noise power per Fourier pixel on the shells (impulses are white).
     spectra = {"dose": np.full_like(k, shot), "detector": np.full_like(k, max(white - shot, 0.0)),
@@ -213,8 +218,7 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     if gain_estimate is not None:
         # The smooth gain pattern is low-frequency detector noise; below the first Thon ring
         # the spectral fit took it for signal, so it moves from there to the noise.
-        pattern = (smoothed - 1.0) * mean
-        gain_power = _shell_power(pattern, k, pixel_size_A)
+        gain_power = smoothed.shell_power(k, pixel_size_A) * mean**2
         spectra["detector"] = spectra["detector"] + gain_power
         signal = np.clip(signal - gain_power / np.maximum(_mean_ctf2(k, params), 0.05), 0.0, None)
     # Restoration works on the cleaned image: impulses and defects cost the information of
@@ -242,7 +246,7 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     gains["artifacts"] = quality * (np.sqrt((kept + lost["artifacts"]) / kept) - 1.0)
     gains["detector"] += quality * (np.sqrt((kept + lost["detector"]) / kept) - 1.0)
     shells = spectrum_shells(clean, params, pixel_size_A=pixel_size_A, shell_edges=shell_edges,
-                             power=power * clean.size)
+                             power=power * clean.size, ctf2=ctf2)
     return NoiseDecomposition(variance={c: float(variance[c]) for c in NOISE_CAUSES}, gain=gains,
                               counting=counting, band_shares=_band_shares(k, spectra),
                               shells=shells, scale=mean if counting else 1.0,
@@ -253,7 +257,22 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
 
 
 class _Smoothed(np.ndarray):
-    """A gain estimate already smoothed by :func:`smooth_gain_pattern` (marks it as such)."""
+    """A gain estimate already smoothed by :func:`smooth_gain_pattern` (marks it as such),
+    which keeps what every micrograph of the dataset asks of it: its variance and its
+    pattern's power on the shells (per unit mean count, computed once)."""
+
+    @property
+    def variance(self) -> float:
+        if getattr(self, "_variance", None) is None:
+            self._variance = float(np.var(np.asarray(self)))
+        return self._variance
+
+    def shell_power(self, k, pixel_size_A):
+        key = (np.asarray(k, np.float64).tobytes(), float(pixel_size_A))
+        cache = self.__dict__.setdefault("_shell_power", {})
+        if key not in cache:
+            cache[key] = _shell_power(np.asarray(self) - 1.0, k, pixel_size_A)
+        return cache[key]
 
 
 def smooth_gain_pattern(gain_estimate):
@@ -332,7 +351,7 @@ def ice_signal(k, signal, scale: float | None = None):
     return scale * ice_power_spectrum(k, 1.0)
 
 
-def _ice_structure(k, signal, shape, pixel_size_A, params, scale=None):
+def _ice_structure(k, signal, shape, pixel_size_A, params, scale=None, ctf2=None):
     """The amorphous-ice structure (:func:`ice_signal`) spread over all frequencies with
     the CTF.
 
@@ -348,7 +367,8 @@ def _ice_structure(k, signal, shape, pixel_size_A, params, scale=None):
         return 0.0, ice
     ky, kx = frequency_grid(shape, pixel_size_A, layout="rfft", dtype=np.float64)
     kk = np.sqrt(ky**2 + kx**2) + 0 * kx
-    ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
+    if ctf2 is None:
+        ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
     weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
     per_pixel = np.interp(kk, k, ice) * ctf2
     variance = float((per_pixel * weight).sum() / (shape[0] * shape[1]))
@@ -451,7 +471,8 @@ def _counterfactual_gains(k, signal, spectra, params, attenuation=1.0, truth=Non
     return {c: quality(ideal[c]) - base for c in NOISE_CAUSES}
 
 
-def spectrum_shells(image, params: CTFParams | None, *, pixel_size_A: float, shell_edges=None, power=None):
+def spectrum_shells(image, params: CTFParams | None, *, pixel_size_A: float, shell_edges=None, power=None,
+                    ctf2=None):
     """A micrograph's mean periodogram and mean CTF² in shells (for :func:`particle_spectrum`).
 
     Parameters
@@ -464,6 +485,8 @@ def spectrum_shells(image, params: CTFParams | None, *, pixel_size_A: float, she
         Shell edges in 1/Å; default 96 shells from 0 to Nyquist. Shells beyond Nyquist are NaN.
     power : (ny, nx // 2 + 1) array, optional
         The periodogram, ``|rfft2(image - mean)|² / size``, when the caller has it.
+    ctf2 : (ny, nx // 2 + 1) array, optional
+        ``CTF²`` (no envelope) on the same half plane, when the caller has it.
 
     Returns
     -------
@@ -486,7 +509,9 @@ def spectrum_shells(image, params: CTFParams | None, *, pixel_size_A: float, she
     filled = counts > 0
     out[0, filled] = (np.bincount(index[inside], np.asarray(power).ravel()[inside], n_shells) / np.maximum(counts, 1))[filled]
     if params is not None:
-        ctf2 = (ctf_2d(ky + 0 * kx, kx + 0 * ky, params, with_envelope=False) ** 2).ravel()
+        if ctf2 is None:
+            ctf2 = ctf_2d(ky + 0 * kx, kx + 0 * ky, params, with_envelope=False) ** 2
+        ctf2 = np.broadcast_to(ctf2, power.shape).ravel()
         out[1, filled] = (np.bincount(index[inside], ctf2[inside], n_shells) / np.maximum(counts, 1))[filled]
     return out
 

@@ -321,7 +321,8 @@ def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution,
                  if np.isfinite(value[i])}
         def decompose(rows):
             return decompose_noise(images[i][rows], params, pixel_size_A=float(pixel[i]),
-                                   gain_estimate=gain[rows] if gain.ndim == 2 else None,
+                                   # the whole gain itself: it keeps what it computed once
+                                   gain_estimate=None if gain.ndim != 2 else gain if rows == slice(None) else gain[rows],
                                    defects=defects[rows] > 0 if defects.ndim == 2 else None, fixed=fixed,
                                    dose_e_per_A2=float(dose[i]), shell_edges=shell_edges,
                                    particle_power=particle_power)

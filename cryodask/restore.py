@@ -80,11 +80,13 @@ def _shell_regression(index, c, p, weight, n_shells):
 
 
 def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells: int | None = None,
-                     smooth_shells: float = 2.0):
+                     smooth_shells: float = 2.0, power=None, ctf2=None):
     """Signal and noise power per shell from the micrograph's own spectrum.
 
     In each shell the power of the Fourier pixels is regressed on their CTF² by the Whittle
-    likelihood of periodogram values (iteratively reweighted least squares).
+    likelihood of periodogram values (iteratively reweighted least squares). A caller that
+    has them passes the periodogram ``power`` (``|rfft2(image - mean)|² / size``) and the
+    ``ctf2`` grid (``CTF²`` on the same half plane, no envelope), which are not computed again.
 
     Returns
     -------
@@ -98,11 +100,14 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
 
     x = np.asarray(to_numpy(image), dtype=np.float32)
     ny, nx = x.shape
-    f = np.fft.rfft2(x - x.mean())
-    power = (f.real**2 + f.imag**2) / (ny * nx)
-    ky, kx, ctf = _ctf_grid(x.shape, pixel_size_A, params, np)
+    if power is None:
+        f = np.fft.rfft2(x - x.mean())
+        power = (f.real**2 + f.imag**2) / (ny * nx)
+    ky, kx = frequency_grid(x.shape, pixel_size_A, layout="rfft")
+    if ctf2 is None:
+        ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
     k = np.sqrt(ky**2 + kx**2) + 0 * kx
-    c2 = (ctf**2) + 0 * kx
+    c2 = ctf2 + 0 * kx
     nyquist = 0.5 / pixel_size_A
     n_shells = n_shells or max(16, min(ny, nx) // 8)
     index = np.minimum((k / nyquist * n_shells).astype(int), n_shells - 1).ravel()
