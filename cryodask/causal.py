@@ -45,7 +45,11 @@ __all__ = [
     "causal_graph",
     "decompose_noise",
     "fit_envelope",
+    "explain_noise",
     "fit_ice_scale",
+    "measure_noise",
+    "measurement_length",
+    "NoiseMeasurement",
     "dataset_quality",
     "ice_signal",
     "particle_spectrum",
@@ -168,11 +172,91 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
         ``particle_power``, ``b_factor`` (the motion and coherence envelope relative to the
         dataset's, :func:`fit_envelope`) as ``(value, standard error)``.
     """
+    measured = measure_noise(image, params, pixel_size_A=pixel_size_A, gain_estimate=gain_estimate,
+                             defects=defects, dose_e_per_A2=dose_e_per_A2, shell_edges=shell_edges)
+    return explain_noise(measured, params, fixed=fixed, particle_power=particle_power)
+
+
+#: The scalars of a :class:`NoiseMeasurement`, in the order of its vector.
+_MEASURED_SCALARS = ("n_fit", "counting", "mean", "pixel_size_A", "dose_e_per_A2", "has_gain", "smooth_gain",
+                     "artifacts_var", "defect_var", "low_power", "low_pixels", "ice_unit_variance",
+                     "lost_artifacts", "lost_detector", "n_shells")
+
+
+@dataclass
+class NoiseMeasurement:
+    """What one micrograph's image tells the noise model (:func:`measure_noise`): a few
+    numbers and spectra on shells, from which :func:`explain_noise` decomposes the noise
+    under any node values and priors without reading the image again.
+
+    ``k``, ``signal``, ``fit_noise``: the spectral fit (:func:`cryodask.restore.fit_signal_noise`);
+    ``gain_power``: the smooth gain pattern's power per Fourier pixel on ``k`` per unit mean
+    count squared; ``low_power``/``low_pixels``: the periodogram's sum and the Fourier pixels
+    (over the image size) below 1/200 Å^-1; ``ice_unit_variance``: the image variance of
+    amorphous ice of unit :func:`fit_ice_scale` through this CTF; ``shells``: for
+    :func:`particle_spectrum`.
+    """
+
+    counting: bool
+    mean: float
+    pixel_size_A: float
+    dose_e_per_A2: float
+    k: np.ndarray
+    signal: np.ndarray
+    fit_noise: np.ndarray
+    gain_power: np.ndarray
+    has_gain: bool
+    smooth_gain: float
+    artifacts_var: float
+    defect_var: float
+    low_power: float
+    low_pixels: float
+    ice_unit_variance: float
+    lost_artifacts: float
+    lost_detector: float
+    shells: np.ndarray
+
+    def to_vector(self, length: int) -> np.ndarray:
+        """The measurement as one float vector of ``length`` (:func:`measurement_length`)."""
+        n_fit, n_shells = self.k.size, self.shells.shape[1]
+        scalars = {"n_fit": n_fit, "n_shells": n_shells}
+        head = [float(scalars.get(name, getattr(self, name, np.nan))) for name in _MEASURED_SCALARS]
+        body = np.concatenate([head, self.k, self.signal, self.fit_noise, self.gain_power, self.shells.ravel()])
+        if body.size > length:
+            raise ValueError(f"noise measurement of {body.size} values does not fit {length}")
+        return np.concatenate([body, np.full(length - body.size, np.nan)])
+
+    @classmethod
+    def from_vector(cls, vector) -> NoiseMeasurement:
+        v = np.asarray(vector, np.float64)
+        head = dict(zip(_MEASURED_SCALARS, v[:len(_MEASURED_SCALARS)]))
+        n_fit, n_shells = int(head.pop("n_fit")), int(head.pop("n_shells"))
+        at = len(_MEASURED_SCALARS)
+        arrays = []
+        for _ in range(4):
+            arrays.append(v[at:at + n_fit])
+            at += n_fit
+        shells = v[at:at + 2 * n_shells].reshape(2, n_shells)
+        return cls(**{**head, "counting": bool(head["counting"]), "has_gain": bool(head["has_gain"])},
+                   k=arrays[0], signal=arrays[1], fit_noise=arrays[2], gain_power=arrays[3], shells=shells)
+
+
+def measurement_length(shape, n_shells: int) -> int:
+    """The length of :meth:`NoiseMeasurement.to_vector` for images of ``shape`` (or smaller)."""
+    return len(_MEASURED_SCALARS) + 4 * _fit_shells(shape) + 2 * n_shells
+
+
+def _fit_shells(shape) -> int:
+    return max(16, min(shape) // 8)  # fit_signal_noise's default
+
+
+def measure_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimate=None, defects=None,
+                  dose_e_per_A2: float | None = None, shell_edges=None) -> NoiseMeasurement:
+    """The image half of :func:`decompose_noise` (same parameters): impulses, cleaning, one
+    transform, the spectral fit and the sums the decomposition needs."""
     x = np.asarray(image, dtype=np.float32)
     found = find_impulses(x, defects=defects)
     impulse = (found.mask == HOT_PIXEL) | (found.mask == XRAY)
-    variance = {"artifacts": _excess(x, found.reference, impulse)}
-    defect_var = _excess(x, found.reference, found.mask == DEFECT)
     clean = correct_pixels(x, found.mask, found.reference, found.sigma, counting=found.counting,
                            fano=found.fano, seed=0)
     mean = float(clean.mean())
@@ -184,49 +268,75 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     ky, kx = frequency_grid(clean.shape, pixel_size_A, layout="rfft")
     ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
     k, signal, noise = fit_signal_noise(clean, params, pixel_size_A=pixel_size_A, power=power * clean.size,
-                                        ctf2=ctf2)
+                                        ctf2=ctf2, n_shells=_fit_shells(clean.shape))
+    kk = np.sqrt(ky**2 + kx**2) + 0 * kx
+    weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
+    low = (kk > 0) & (kk < 1.0 / 200.0)
+    smooth_gain, gain_power = 0.0, np.zeros_like(k)
+    if gain_estimate is not None:
+        smoothed = smooth_gain_pattern(gain_estimate)
+        smooth_gain = smoothed.variance * mean**2
+        gain_power = smoothed.shell_power(k, pixel_size_A)
+    from cryodask.simulate.micrograph import ice_power_spectrum
+
+    unit = np.interp(kk, k, ice_power_spectrum(k, 1.0)) * ctf2
+    return NoiseMeasurement(
+        counting=bool(found.counting), mean=mean, pixel_size_A=float(pixel_size_A),
+        dose_e_per_A2=float("nan") if dose_e_per_A2 is None else float(dose_e_per_A2),
+        k=k, signal=signal, fit_noise=noise, gain_power=gain_power, has_gain=gain_estimate is not None,
+        smooth_gain=float(smooth_gain), artifacts_var=_excess(x, found.reference, impulse),
+        defect_var=_excess(x, found.reference, found.mask == DEFECT),
+        low_power=float((weight * power)[low].sum()), low_pixels=float(weight[low].sum()) / clean.size,
+        ice_unit_variance=float((unit * weight).sum() / clean.size),
+        lost_artifacts=float(impulse.mean()), lost_detector=float((found.mask == DEFECT).mean()),
+        shells=spectrum_shells(clean, params, pixel_size_A=pixel_size_A, shell_edges=shell_edges,
+                               power=power * clean.size, ctf2=ctf2))
+
+
+def explain_noise(measured: NoiseMeasurement, params: CTFParams, *, fixed: dict | None = None,
+                  particle_power=None) -> NoiseDecomposition:
+    """The spectral half of :func:`decompose_noise`: each cause's noise, the counterfactual
+    gains and the expected quality from a :class:`NoiseMeasurement`, under node values
+    ``fixed`` and the dataset's ``particle_power`` (as in :func:`decompose_noise`). Cheap:
+    one-dimensional spectra only."""
+    m = measured
+    k, signal, pixel_size_A, mean, counting = m.k, m.signal, m.pixel_size_A, m.mean, m.counting
     nyquist = 0.5 / pixel_size_A
     fixed = fixed or {}
     unknown = sorted(set(fixed) - {"white", "ice_scale"})
     if unknown:
         raise ValueError(f"fixed: unknown node value(s) {unknown}; known: ['ice_scale', 'white']")
     high = (k > 0.55 * nyquist) & (k < 0.95 * nyquist)
-    white_measured = float(np.median(noise[high]))
-    white_error = 1.2533 * float(np.std(noise[high])) / np.sqrt(max(int(high.sum()), 1))
+    white_measured = float(np.median(m.fit_noise[high]))
+    white_error = 1.2533 * float(np.std(m.fit_noise[high])) / np.sqrt(max(int(high.sum()), 1))
     white = float(fixed.get("white", white_measured))
     ice_scale, ice_error = fit_ice_scale(k, signal)
-    counting = found.counting
+    variance = {"artifacts": m.artifacts_var}
     shot = mean if counting else white
     variance["dose"] = shot
-    smooth_gain = 0.0
-    if gain_estimate is not None:
-        smoothed = smooth_gain_pattern(gain_estimate)
-        smooth_gain = smoothed.variance * mean**2
-    variance["detector"] = max(white - shot, 0.0) + smooth_gain + defect_var
-
+    variance["detector"] = max(white - shot, 0.0) + m.smooth_gain + m.defect_var
     # Low-frequency power above the white level: thickness background (and smooth gain).
-    kk = np.sqrt(ky**2 + kx**2) + 0 * kx
-    weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
-    low = (kk > 0) & (kk < 1.0 / 200.0)
-    background = float((weight * power)[low].sum()) - white * float(weight[low].sum()) / clean.size
-    ice_structure, ice_spectrum = _ice_structure(k, signal, clean.shape, pixel_size_A, params,
-                                                 scale=fixed.get("ice_scale", ice_scale), ctf2=ctf2)
-    variance["ice"] = max(background - smooth_gain, 0.0) + ice_structure
+    background = m.low_power - white * m.low_pixels
+    scale_used = fixed.get("ice_scale", ice_scale)
+    ice = ice_signal(k, signal, scale_used)
+    ice_structure = float(scale_used) * m.ice_unit_variance if ice.any() else 0.0
+    variance["ice"] = max(background - m.smooth_gain, 0.0) + ice_structure
     # Each cause's noise power per Fourier pixel on the shells (impulses are white).
     spectra = {"dose": np.full_like(k, shot), "detector": np.full_like(k, max(white - shot, 0.0)),
-               "artifacts": np.full_like(k, variance["artifacts"]), "ice": ice_spectrum}
-    if gain_estimate is not None:
+               "artifacts": np.full_like(k, variance["artifacts"]), "ice": ice * _mean_ctf2(k, params)}
+    if m.has_gain:
         # The smooth gain pattern is low-frequency detector noise; below the first Thon ring
         # the spectral fit took it for signal, so it moves from there to the noise.
-        gain_power = smoothed.shell_power(k, pixel_size_A) * mean**2
+        gain_power = m.gain_power * mean**2
         spectra["detector"] = spectra["detector"] + gain_power
         signal = np.clip(signal - gain_power / np.maximum(_mean_ctf2(k, params), 0.05), 0.0, None)
     # Restoration works on the cleaned image: impulses and defects cost the information of
     # the pixels they cover, not their energy.
-    lost = {"artifacts": float(impulse.mean()), "detector": float((found.mask == DEFECT).mean())}
+    lost = {"artifacts": m.lost_artifacts, "detector": m.lost_detector}
     attenuation = 1.0
-    if counting and dose_e_per_A2 is not None and np.isfinite(dose_e_per_A2) and dose_e_per_A2 > 0:
-        attenuation = float(np.clip(mean / (dose_e_per_A2 * pixel_size_A**2), 0.05, 1.0))
+    dose = m.dose_e_per_A2
+    if counting and np.isfinite(dose) and dose > 0:
+        attenuation = float(np.clip(mean / (dose * pixel_size_A**2), 0.05, 1.0))
     truth = None
     envelope = (float("nan"), float("nan"))
     if particle_power is not None:
@@ -245,11 +355,9 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
     quality = model(noise)
     gains["artifacts"] = quality * (np.sqrt((kept + lost["artifacts"]) / kept) - 1.0)
     gains["detector"] += quality * (np.sqrt((kept + lost["detector"]) / kept) - 1.0)
-    shells = spectrum_shells(clean, params, pixel_size_A=pixel_size_A, shell_edges=shell_edges,
-                             power=power * clean.size, ctf2=ctf2)
     return NoiseDecomposition(variance={c: float(variance[c]) for c in NOISE_CAUSES}, gain=gains,
                               counting=counting, band_shares=_band_shares(k, spectra),
-                              shells=shells, scale=mean if counting else 1.0,
+                              shells=m.shells, scale=mean if counting else 1.0,
                               parameters={"white": (white_measured, white_error),
                                           "ice_scale": (ice_scale, ice_error), "b_factor": envelope},
                               quality=quality * np.sqrt(kept),
@@ -349,30 +457,6 @@ def ice_signal(k, signal, scale: float | None = None):
     if not np.isfinite(scale) or scale <= 0:
         return np.zeros_like(k)
     return scale * ice_power_spectrum(k, 1.0)
-
-
-def _ice_structure(k, signal, shape, pixel_size_A, params, scale=None, ctf2=None):
-    """The amorphous-ice structure (:func:`ice_signal`) spread over all frequencies with
-    the CTF.
-
-    Returns
-    -------
-    variance : float
-        Its variance in the image.
-    spectrum : (n,) array
-        Its power per Fourier pixel on the shells ``k`` (CTF² averaged over azimuth).
-    """
-    ice = ice_signal(k, signal, scale)
-    if not ice.any():
-        return 0.0, ice
-    ky, kx = frequency_grid(shape, pixel_size_A, layout="rfft", dtype=np.float64)
-    kk = np.sqrt(ky**2 + kx**2) + 0 * kx
-    if ctf2 is None:
-        ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
-    weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
-    per_pixel = np.interp(kk, k, ice) * ctf2
-    variance = float((per_pixel * weight).sum() / (shape[0] * shape[1]))
-    return variance, ice * _mean_ctf2(k, params)
 
 
 #: The band in which a micrograph's envelope is measured against the dataset's particles (Å).

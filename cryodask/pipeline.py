@@ -306,19 +306,16 @@ def _n_noise_fields():
 def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution, dose, white, ice_scale,
                  gain, defects, shell_edges, particle_power, uncertainty=False):
     from cryodask.causal import NOISE_CAUSES, decompose_noise
-    from cryodask.physics import CTFParams
 
     n_fields = _n_noise_fields()
     out = np.full((images.shape[0], n_fields), np.nan, dtype=np.float64)
     for i in range(images.shape[0]):
         if not np.isfinite(u[i]):
             continue
-        params = CTFParams(defocus_u_A=float(u[i]), defocus_v_A=float(v[i]),
-                           defocus_angle_deg=float(angle[i]), voltage_kV=float(voltage[i]),
-                           cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]),
-                           phase_shift_deg=float(phase[i]))
+        params = _ctf_params((u[i], v[i], angle[i], voltage[i], cs[i], ac[i], phase[i]))
         fixed = {name: float(value[i]) for name, value in (("white", white), ("ice_scale", ice_scale))
                  if np.isfinite(value[i])}
+
         def decompose(rows):
             return decompose_noise(images[i][rows], params, pixel_size_A=float(pixel[i]),
                                    # the whole gain itself: it keeps what it computed once
@@ -336,11 +333,79 @@ def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution,
             top, bottom = decompose(slice(0, half)), decompose(slice(half, None))
             errors = ([abs(top.shares[c] - bottom.shares[c]) / 2 for c in NOISE_CAUSES]
                       + [abs(top.gain[c] - bottom.gain[c]) / 2 for c in NOISE_CAUSES])
-        out[i] = ([found.variance[c] for c in NOISE_CAUSES] + [found.gain[c] for c in NOISE_CAUSES]
-                  + [v for c in NOISE_CAUSES for v in found.band_shares[c]]
-                  + [*found.parameters["white"], *found.parameters["ice_scale"]]
-                  + [found.quality, found.quality_model(1.0 / resolution[i]) if resolution[i] > 0 else np.nan]
-                  + [found.scale] + list(found.shells.ravel()) + errors + [*found.parameters["b_factor"]])
+        out[i] = _noise_row(found, errors, resolution[i])
+    return out
+
+
+def _noise_row(found, errors, resolution):
+    """One micrograph's noise fields (:func:`_n_noise_fields`) from its decomposition."""
+    from cryodask.causal import NOISE_CAUSES
+
+    return ([found.variance[c] for c in NOISE_CAUSES] + [found.gain[c] for c in NOISE_CAUSES]
+            + [v for c in NOISE_CAUSES for v in found.band_shares[c]]
+            + [*found.parameters["white"], *found.parameters["ice_scale"]]
+            + [found.quality, found.quality_model(1.0 / resolution) if resolution > 0 else np.nan]
+            + [found.scale] + list(found.shells.ravel()) + list(errors) + [*found.parameters["b_factor"]])
+
+
+def _ctf_params(ctf_row):
+    from cryodask.physics import CTFParams
+
+    u, v, angle, voltage, cs, ac, phase = (float(x) for x in ctf_row)
+    return CTFParams(defocus_u_A=u, defocus_v_A=v, defocus_angle_deg=angle, voltage_kV=voltage, cs_mm=cs,
+                     amplitude_contrast=ac, phase_shift_deg=phase)
+
+
+def _measure_noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, dose, gain, defects, shell_edges,
+                         length, uncertainty=False):
+    """Each micrograph's :class:`cryodask.causal.NoiseMeasurement` as a vector (and its two
+    halves' after it with ``uncertainty``): the one pass of the noise model that reads images."""
+    from cryodask.causal import measure_noise
+
+    parts = 3 if uncertainty else 1
+    out = np.full((images.shape[0], parts * length), np.nan, dtype=np.float64)
+    for i in range(images.shape[0]):
+        if not np.isfinite(u[i]):
+            continue
+        params = _ctf_params((u[i], v[i], angle[i], voltage[i], cs[i], ac[i], phase[i]))
+
+        def measure(rows):
+            return measure_noise(images[i][rows], params, pixel_size_A=float(pixel[i]),
+                                 # the whole gain itself: it keeps what it computed once
+                                 gain_estimate=None if gain.ndim != 2 else gain if rows == slice(None) else gain[rows],
+                                 defects=defects[rows] > 0 if defects.ndim == 2 else None,
+                                 dose_e_per_A2=float(dose[i]), shell_edges=shell_edges).to_vector(length)
+
+        half = images.shape[1] // 2
+        rows = [slice(None), slice(0, half), slice(half, None)][:parts]
+        out[i] = np.concatenate([measure(r) for r in rows])
+    return out
+
+
+def _explain_rows(measured, ctf_rows, resolution, white, ice_scale, length, particle_power=None,
+                  uncertainty=False):
+    """The noise fields of every micrograph from its measurement vectors (no images read)."""
+    from cryodask.causal import NOISE_CAUSES, NoiseMeasurement, explain_noise
+
+    out = np.full((measured.shape[0], _n_noise_fields()), np.nan, dtype=np.float64)
+    for i in range(measured.shape[0]):
+        if not np.all(np.isfinite(ctf_rows[i])) or not np.isfinite(measured[i, 0]):
+            continue
+        params = _ctf_params(ctf_rows[i])
+        fixed = {name: float(value[i]) for name, value in (("white", white), ("ice_scale", ice_scale))
+                 if np.isfinite(value[i])}
+
+        def explain(part):
+            m = NoiseMeasurement.from_vector(measured[i, part * length:(part + 1) * length])
+            return explain_noise(m, params, fixed=fixed, particle_power=particle_power)
+
+        found = explain(0)
+        errors = [np.nan] * (2 * len(NOISE_CAUSES))
+        if uncertainty:
+            top, bottom = explain(1), explain(2)
+            errors = ([abs(top.shares[c] - bottom.shares[c]) / 2 for c in NOISE_CAUSES]
+                      + [abs(top.gain[c] - bottom.gain[c]) / 2 for c in NOISE_CAUSES])
+        out[i] = _noise_row(found, errors, resolution[i])
     return out
 
 
@@ -348,12 +413,8 @@ def _noise_fields(ds, ctf, gain, known, white, ice_scale, particle_power=None, u
     image = ds["image"]
     check_image_chunks(image)
     chunks = image.chunks[0] if image.chunks is not None else None
-    names = [("defocus_u_A", ctf), ("defocus_v_A", ctf), ("defocus_angle_deg", ctf),
-             ("voltage_kV", ds), ("cs_mm", ds), ("amplitude_contrast", ds), ("phase_shift_deg", ctf),
-             ("pixel_size_A", ds), ("ctf_fit_resolution_A", ctf)]
-    scalars = [source[name].astype(np.float64) for name, source in names]
-    dose = ds["dose_e_per_A2"] if "dose_e_per_A2" in ds else xr.full_like(ds["pixel_size_A"], np.nan)
-    scalars.append(dose.astype(np.float64))
+    scalars = _noise_inputs(ds, ctf)
+    scalars.insert(8, ctf["ctf_fit_resolution_A"].astype(np.float64))
     scalars += [xr.DataArray(np.asarray(values, np.float64), dims=("micrograph",)) for values in (white, ice_scale)]
     if chunks is not None:
         scalars = [var.chunk({"micrograph": chunks}) for var in scalars]
@@ -364,6 +425,32 @@ def _noise_fields(ds, ctf, gain, known, white, ice_scale, particle_power=None, u
         dask="parallelized", output_dtypes=[np.float64],
         dask_gufunc_kwargs={"output_sizes": {"noise_field": n_fields}},
         kwargs={"gain": gain, "defects": known, "particle_power": particle_power, "uncertainty": uncertainty,
+                "shell_edges": np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)},
+        keep_attrs=False)
+
+
+def _noise_inputs(ds, ctf):
+    names = [("defocus_u_A", ctf), ("defocus_v_A", ctf), ("defocus_angle_deg", ctf),
+             ("voltage_kV", ds), ("cs_mm", ds), ("amplitude_contrast", ds), ("phase_shift_deg", ctf),
+             ("pixel_size_A", ds)]
+    scalars = [source[name].astype(np.float64) for name, source in names]
+    dose = ds["dose_e_per_A2"] if "dose_e_per_A2" in ds else xr.full_like(ds["pixel_size_A"], np.nan)
+    return scalars + [dose.astype(np.float64)]
+
+
+def _measure_noise_fields(ds, ctf, gain, known, length, uncertainty):
+    image = ds["image"]
+    check_image_chunks(image)
+    chunks = image.chunks[0] if image.chunks is not None else None
+    scalars = _noise_inputs(ds, ctf)
+    if chunks is not None:
+        scalars = [var.chunk({"micrograph": chunks}) for var in scalars]
+    return xr.apply_ufunc(
+        _measure_noise_block, image, *scalars,
+        input_core_dims=[["y", "x"]] + [[]] * len(scalars), output_core_dims=[["measure_field"]],
+        dask="parallelized", output_dtypes=[np.float64],
+        dask_gufunc_kwargs={"output_sizes": {"measure_field": (3 if uncertainty else 1) * length}},
+        kwargs={"gain": gain, "defects": known, "length": length, "uncertainty": uncertainty,
                 "shell_edges": np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)},
         keep_attrs=False)
 
@@ -379,19 +466,22 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     gain_estimate, defects : (y, x) arrays, optional
         From :func:`cryodask.clean.measure_defects`.
     prior : bool
-        Learn from the whole dataset first (computing a first pass now): dataset priors of
-        the white noise level and the amount of ice (:func:`cryodask.prior.fit_prior`; their
-        centre, spread, iterations and final drift are in the attributes of ``prior_white``
-        and ``prior_ice_scale``), and the particles' power spectrum shared by the
-        micrographs (:func:`cryodask.causal.particle_spectrum`, variable
-        ``particle_spectrum``); then decompose each micrograph under them.
+        Learn from the whole dataset first (computing now the one pass that reads the
+        images, :func:`cryodask.causal.measure_noise`; the rest works on what it measured):
+        each micrograph decomposed alone gives the dataset priors of the white noise level
+        and the amount of ice (:func:`cryodask.prior.fit_prior`; their centre, spread,
+        iterations and final drift are in the attributes of ``prior_white`` and
+        ``prior_ice_scale``), and the particles' power spectrum shared by the micrographs
+        (:func:`cryodask.causal.particle_spectrum`, variable ``particle_spectrum``); then
+        each is decomposed under them (:func:`cryodask.causal.explain_noise`). The result
+        is then in memory, not lazy.
     uncertainty : bool
         Also decompose each half of every micrograph alone (twice the work) and give the
         standard errors ``share_<cause>_se`` and ``gain_<cause>_se``: half the difference of
         the halves, spatial heterogeneity (an ice gradient) included.
     checkpoint : cryodask.checkpoint.Checkpoint, optional
-        Keeps the first pass's results per micrograph as they complete, and reads back
-        those of an interrupted run.
+        Keeps the measurements (with ``prior``) per micrograph as they complete, and reads
+        back those of an interrupted run.
 
     Returns
     -------
@@ -412,23 +502,32 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     known = np.zeros(0) if defects is None else np.asarray(defects, np.uint8)
     n_micrographs = ds.sizes["micrograph"]
     unfixed = np.full(n_micrographs, np.nan)
-    # The first pass needs no standard errors when a second pass (under the priors) follows.
-    result = _noise_fields(ds, ctf, gain, known, unfixed, unfixed, uncertainty=uncertainty and not prior)
     n = len(NOISE_CAUSES)
     first_param = (2 + len(BANDS_A)) * n
     priors = {}
     spectrum = None
     first_shell = first_param + 7
-    if prior:
-        first_pass = result.isel(noise_field=slice(first_param, None))
+    if not prior:
+        result = _noise_fields(ds, ctf, gain, known, unfixed, unfixed, uncertainty=uncertainty)
+    else:
+        # One pass reads the images; the decompositions, first alone and then under the
+        # dataset's priors and particle spectrum, need only what it measured.
+        from cryodask.causal import measurement_length
+
+        length = measurement_length(ds["image"].shape[1:], N_SHELLS)
+        lazy = _measure_noise_fields(ds, ctf, gain, known, length, uncertainty)
         if checkpoint is not None:
-            measured = checkpoint.compute("noise_first_pass", first_pass)
+            measured = checkpoint.compute("noise_measurements", lazy)
         else:
-            (measured,) = progress.compute(first_pass)
+            (measured,) = progress.compute(lazy)
         measured = np.asarray(measured)
-        values = measured[:, :4]
-        shells = measured[:, 7:7 + 2 * N_SHELLS].reshape(n_micrographs, 2, N_SHELLS)
-        spectrum = particle_spectrum(shells[:, 0], shells[:, 1], measured[:, 6])
+        inputs = [np.asarray(v) for v in _noise_inputs(ds, ctf)]
+        ctf_rows = np.stack(inputs[:7], axis=1)
+        resolution = np.asarray(ctf["ctf_fit_resolution_A"], np.float64)
+        alone = _explain_rows(measured, ctf_rows, resolution, unfixed, unfixed, length)
+        values = alone[:, first_param:first_param + 4]
+        shells = alone[:, first_shell:first_shell + 2 * N_SHELLS].reshape(n_micrographs, 2, N_SHELLS)
+        spectrum = particle_spectrum(shells[:, 0], shells[:, 1], alone[:, first_param + 6])
         fixed = []
         for j, name in enumerate(("white", "ice_scale")):
             estimates, errors = values[:, 2 * j], values[:, 2 * j + 1]
@@ -440,8 +539,10 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
                 fixed.append(unfixed)
         edges = np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)
         centres = 0.5 * (edges[1:] + edges[:-1])
-        result = _noise_fields(ds, ctf, gain, known, *fixed, particle_power=(centres, spectrum),
-                               uncertainty=uncertainty)
+        rows = _explain_rows(measured, ctf_rows, resolution, *fixed, length, particle_power=(centres, spectrum),
+                             uncertainty=uncertainty)
+        coords = {"micrograph": ds["micrograph"]} if "micrograph" in ds.coords else {}
+        result = xr.DataArray(rows, dims=("micrograph", "noise_field"), coords=coords)
     out = xr.Dataset()
     total = result.isel(noise_field=slice(0, n)).sum("noise_field")
     for i, cause in enumerate(NOISE_CAUSES):

@@ -104,8 +104,8 @@ def test_a_killed_run_resumes_its_scoring_micrograph_by_micrograph(tmp_path, cap
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        # Killed once the CTF pass is through and the noise passes have begun.
-        while not list((partial / "noise_first_pass").glob("*.npz")) and time.monotonic() < deadline:
+        # Killed once the CTF pass is through and the noise measurements have begun.
+        while not list((partial / "noise_measurements").glob("*.npz")) and time.monotonic() < deadline:
             assert process.poll() is None, "the run ended before it could be interrupted"
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
