@@ -39,10 +39,11 @@ def write_json(path, data) -> None:
             json.dump(data, fh, indent=1, default=str)
 
 
-def restore_as_pipeline(image, *, pixel_size_A: float = 1.0, defects=None):
+def restore_as_pipeline(image, *, pixel_size_A: float = 1.0, defects=None, ctf=None):
     """What ``cryodask restore`` does to one micrograph: clean it, fit its CTF, Wiener.
 
-    Returns the restored image (NaN-free) or None when no CTF could be fitted.
+    With ``ctf`` (a ``CTFParams``) that CTF is used instead of the fitted one. Returns the
+    restored image (NaN-free) or None when no CTF could be fitted.
     """
     import warnings
 
@@ -54,6 +55,8 @@ def restore_as_pipeline(image, *, pixel_size_A: float = 1.0, defects=None):
     from cryodask.restore import wiener_filter
 
     cleaned, _ = clean_micrograph(image, defects=defects)
+    if ctf is not None:
+        return wiener_filter(cleaned, ctf, pixel_size_A=pixel_size_A)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = estimate_ctf(cleaned, pixel_size_A=pixel_size_A)
