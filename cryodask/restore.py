@@ -98,12 +98,12 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
     """
     from scipy.ndimage import gaussian_filter1d
 
-    x = np.asarray(to_numpy(image), dtype=np.float32)
-    ny, nx = x.shape
+    ny, nx = image.shape[:2]
     if power is None:
+        x = np.asarray(to_numpy(image), dtype=np.float32)
         f = np.fft.rfft2(x - x.mean())
         power = (f.real**2 + f.imag**2) / (ny * nx)
-    ky, kx = frequency_grid(x.shape, pixel_size_A, layout="rfft")
+    ky, kx = frequency_grid((ny, nx), pixel_size_A, layout="rfft")
     if ctf2 is None:
         ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
     k = np.sqrt(ky**2 + kx**2) + 0 * kx
@@ -120,10 +120,10 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
     # Periodogram values are exponentially distributed about the model: weighting each by
     # the inverse square of its model power turns least squares into the Whittle
     # likelihood (iteratively reweighted).
+    floor = 1e-6 * max(float(np.median(p)), 1e-30)
     for _ in range(_WHITTLE_ITERATIONS):
         model = np.where(np.isfinite(slope), intercept, 0.0)[index] + np.where(
             np.isfinite(slope), slope, 0.0)[index] * c
-        floor = 1e-6 * max(float(np.median(p)), 1e-30)
         weight = 1.0 / np.maximum(model, floor) ** 2
         var_c, slope, intercept = _shell_regression(index, c, p, weight, n_shells)
     # Shells where CTF² hardly varies (the lowest) cannot separate the two: use neighbours.
@@ -157,19 +157,29 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
 
 
 def wiener_gain(shape, params: CTFParams, *, pixel_size_A: float, k, signal, noise, separate_ice: bool = True,
-                xp=np):
+                xp=np, grid=None):
     """The Wiener filter ``CTF·S_p / (CTF²·S + N)`` on the ``rfft2`` half plane of ``shape``
-    (see :func:`wiener_filter`, which applies it)."""
+    (see :func:`wiener_filter`, which applies it); ``grid``: its ``(ky, kx, CTF)`` when the
+    caller has them."""
     particles = signal
     if separate_ice:
         from cryodask.causal import ice_signal
 
         particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
-    ky, kx, ctf = _ctf_grid(shape, pixel_size_A, params, xp)
+    ky, kx, ctf = grid if grid is not None else _ctf_grid(shape, pixel_size_A, params, xp)
     kk = to_numpy(xp.sqrt(ky * ky + kx * kx) + 0.0 * kx).astype(np.float64)
-    s = xp.asarray(np.interp(kk, k, signal).astype(np.float32))
-    sp = xp.asarray(np.interp(kk, k, particles).astype(np.float32))
-    n = xp.asarray(np.maximum(np.interp(kk, k, noise), 1e-30).astype(np.float32))
+    # Linear interpolation on the shells, its indices and weights found once for the three.
+    k = np.asarray(k, np.float64)
+    at = np.clip(np.searchsorted(k, kk, side="right") - 1, 0, k.size - 2)
+    t = np.clip((kk - k[at]) / (k[at + 1] - k[at]), 0.0, 1.0)
+
+    def interp(values):
+        values = np.asarray(values, np.float64)
+        return (values[at] * (1.0 - t) + values[at + 1] * t).astype(np.float32)
+
+    s = xp.asarray(interp(signal))
+    sp = xp.asarray(interp(particles))
+    n = xp.asarray(np.maximum(interp(noise), np.float32(1e-30)))
     return ctf * sp / (ctf * ctf * s + n)
 
 
@@ -202,11 +212,15 @@ def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None,
     xp = namespace(image)
     fft = fft_module(image)
     x = xp.astype(image, xp.float32)
-    if signal is None or noise is None or k is None:
-        k, signal, noise = fit_signal_noise(image, params, pixel_size_A=pixel_size_A)
-    gain = wiener_gain(x.shape, params, pixel_size_A=pixel_size_A, k=k, signal=signal, noise=noise,
-                       separate_ice=separate_ice, xp=xp)
+    # One transform and one CTF grid serve the spectral fit and the filter.
     f = fft.rfftn(x - xp.mean(x), axes=(0, 1))
+    ky, kx, ctf = _ctf_grid(x.shape, pixel_size_A, params, xp)
+    if signal is None or noise is None or k is None:
+        power = to_numpy(xp.real(f) ** 2 + xp.imag(f) ** 2) / (x.shape[0] * x.shape[1])
+        k, signal, noise = fit_signal_noise(image, params, pixel_size_A=pixel_size_A, power=power,
+                                            ctf2=to_numpy(ctf * ctf))
+    gain = wiener_gain(x.shape, params, pixel_size_A=pixel_size_A, k=k, signal=signal, noise=noise,
+                       separate_ice=separate_ice, xp=xp, grid=(ky, kx, ctf))
     return xp.astype(fft.irfftn(f * gain, s=x.shape, axes=(0, 1)), xp.float32)
 
 
