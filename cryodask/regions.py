@@ -161,13 +161,16 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
     tiles, z_mean = _classify(mean, m0, m_spread, z_mid, counts, z_threshold, whole_regions=True)
 
     mask = np.kron(tiles, np.ones((tile_px, tile_px), dtype=np.uint8))[: x.shape[0], : x.shape[1]]
-    # Two box passes of half a tile: close to a Gaussian of tile/4, at a constant cost per pixel.
-    box = max(3, tile_px // 2 + 1)
-    smooth = ndimage.uniform_filter(ndimage.uniform_filter(x, box, mode="reflect"), box, mode="reflect")
+    smooth = None
     for code, sign in ((CONTAMINATION, -1.0), (VACUUM, 1.0)):
         found = tiles == code
         if not found.any():
             continue
+        if smooth is None:  # only where there are edges to trace (most micrographs are all ice)
+            # Two box passes of half a tile: close to a Gaussian of tile/4, at a constant cost
+            # per pixel.
+            box = max(3, tile_px // 2 + 1)
+            smooth = ndimage.uniform_filter(ndimage.uniform_filter(x, box, mode="reflect"), box, mode="reflect")
         ice_level = np.kron(m0, np.ones((tile_px, tile_px)))[: x.shape[0], : x.shape[1]]
         level = ice_level + 0.25 * (float(np.median(mean[found])) - ice_level)
         near = np.kron(ndimage.binary_dilation(found), np.ones((tile_px, tile_px), bool))
