@@ -22,6 +22,7 @@ __all__ = [
     "estimate_ctf_dataset",
     "image_statistics",
     "noise_dataset",
+    "noise_measurements",
     "power_spectra",
     "regions_dataset",
     "restore_dataset",
@@ -455,8 +456,24 @@ def _measure_noise_fields(ds, ctf, gain, known, length, uncertainty):
         keep_attrs=False)
 
 
+def noise_measurements(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defects=None,
+                       uncertainty: bool = False) -> xr.DataArray:
+    """The noise model's pass over the images (lazy, one task per chunk of micrographs): each
+    micrograph's :class:`cryodask.causal.NoiseMeasurement` as a vector, and with
+    ``uncertainty`` those of its two halves after it. Give the computed result to
+    :func:`noise_dataset` as ``measured``, e.g. after computing it together with other work
+    on the same images, so that each micrograph is read once for both."""
+    from cryodask.causal import measurement_length, smooth_gain_pattern
+
+    gain = np.zeros(0) if gain_estimate is None else smooth_gain_pattern(gain_estimate)
+    known = np.zeros(0) if defects is None else np.asarray(defects, np.uint8)
+    length = measurement_length(ds["image"].shape[1:], N_SHELLS)
+    return _measure_noise_fields(ds, ctf, gain, known, length, uncertainty).rename("noise_measurement")
+
+
 def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defects=None,
-                  prior: bool = False, uncertainty: bool = False, checkpoint=None) -> xr.Dataset:
+                  prior: bool = False, uncertainty: bool = False, checkpoint=None,
+                  measured=None) -> xr.Dataset:
     """Each micrograph's noise variance per cause and counterfactual gains (lazy).
 
     Parameters
@@ -482,6 +499,9 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     checkpoint : cryodask.checkpoint.Checkpoint, optional
         Keeps the measurements (with ``prior``) per micrograph as they complete, and reads
         back those of an interrupted run.
+    measured : (micrograph, field) array, optional
+        With ``prior``: the computed :func:`noise_measurements` (same ``uncertainty``),
+        which then are not measured again.
 
     Returns
     -------
@@ -515,12 +535,16 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         from cryodask.causal import measurement_length
 
         length = measurement_length(ds["image"].shape[1:], N_SHELLS)
-        lazy = _measure_noise_fields(ds, ctf, gain, known, length, uncertainty)
-        if checkpoint is not None:
-            measured = checkpoint.compute("noise_measurements", lazy)
-        else:
-            (measured,) = progress.compute(lazy)
+        if measured is None:
+            lazy = _measure_noise_fields(ds, ctf, gain, known, length, uncertainty)
+            if checkpoint is not None:
+                measured = checkpoint.compute("noise_measurements", lazy)
+            else:
+                (measured,) = progress.compute(lazy)
         measured = np.asarray(measured)
+        if measured.shape != (n_micrographs, (3 if uncertainty else 1) * length):
+            raise ValueError(f"measured: expected shape {(n_micrographs, (3 if uncertainty else 1) * length)} "
+                             f"(noise_measurements with uncertainty={uncertainty}), got {measured.shape}")
         inputs = [np.asarray(v) for v in _noise_inputs(ds, ctf)]
         ctf_rows = np.stack(inputs[:7], axis=1)
         resolution = np.asarray(ctf["ctf_fit_resolution_A"], np.float64)
@@ -752,17 +776,22 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
                                          prior_window=prior_window), extra])
     ctf = checkpoint.compute("ctf", ctf) if checkpoint is not None else progress.compute(ctf)[0]
     known = defects if measured is None else measured.defects
-    noise = noise_dataset(raw, ctf, gain_estimate=None if measured is None else measured.gain, defects=known,
-                          prior=n >= MIN_DATASET_MICROGRAPHS, checkpoint=checkpoint)
+    gain_estimate = None if measured is None else measured.gain
+    prior = n >= MIN_DATASET_MICROGRAPHS
     # The ΔRepro refit searches the whole range even where a prior confined the fit: a
     # prior that forced a fit shows as irreproducible.
     measurements = score_measurements(raw, work, ctf, exclude=exclude, search=search, defects=known)
-    if checkpoint is not None:
-        # One pass for both, as without a checkpoint: each micrograph is read once for them.
-        both = checkpoint.compute("noise_and_measurements", xr.merge([noise, measurements]))
-        noise, measurements = both[list(noise.data_vars)], both[list(measurements.data_vars)]
+    # One pass over the images for the noise model and the rules: each micrograph is read
+    # (and cleaned) once for both.
+    noise = (noise_measurements(raw, ctf, gain_estimate=gain_estimate, defects=known) if prior
+             else noise_dataset(raw, ctf, gain_estimate=gain_estimate, defects=known))
+    both = xr.merge([noise, measurements])
+    both = checkpoint.compute("noise_and_measurements", both) if checkpoint is not None else progress.compute(both)[0]
+    measurements = both[list(measurements.data_vars)]
+    if prior:
+        noise = noise_dataset(raw, ctf, prior=True, measured=both["noise_measurement"].values)
     else:
-        noise, measurements = progress.compute(noise, measurements)
+        noise = both[list(noise.data_vars)]
     out = xr.merge([ctf, noise.drop_vars([v for v in noise.data_vars if v.startswith("band_share_")]),
                     measurements])
     shape = (ds.sizes["y"], ds.sizes["x"])

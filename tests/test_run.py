@@ -105,7 +105,7 @@ def test_a_killed_run_resumes_its_scoring_micrograph_by_micrograph(tmp_path, cap
     try:
         deadline = time.monotonic() + 240
         # Killed once the CTF pass is through and the noise measurements have begun.
-        while not list((partial / "noise_measurements").glob("*.npz")) and time.monotonic() < deadline:
+        while not list((partial / "noise_and_measurements").glob("*.npz")) and time.monotonic() < deadline:
             assert process.poll() is None, "the run ended before it could be interrupted"
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
