@@ -43,6 +43,22 @@ def _peak_rss_bytes() -> int:
     return int(max(own, children) * 1024)  # Linux reports kilobytes
 
 
+def _own_peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _worker_peaks() -> dict:
+    """Each Dask worker process's peak resident memory (address -> bytes); empty without a
+    distributed client (threads: the workers are this process)."""
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return {}
+    return client.run(_own_peak_rss_bytes)
+
+
 def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int = 0, echo=print) -> dict:
     """Run the benchmark (see the module notes) and return its figures.
 
@@ -66,8 +82,12 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         params = draw_micrograph_params(count, shape=(size, size), seed=seed,
                                         ranges=DatasetRanges(n_hot_pixels=(50, 200), n_xrays=(2, 10)))
-        write_simulated_dataset(os.path.join(tmp, "sim"), params, seed=seed,
-                                detector=Detector(gain_std=0.02, n_dead_rows=1, seed=seed))
+        import dask
+
+        # The test data are made here, not by the workers being measured.
+        with dask.config.set(scheduler="threads"):
+            write_simulated_dataset(os.path.join(tmp, "sim"), params, seed=seed,
+                                    detector=Detector(gain_std=0.02, n_dead_rows=1, seed=seed))
         start = time.perf_counter()
         ds = ingest(os.path.join(tmp, "sim", "*.mrc"), os.path.join(tmp, "b.zarr"))
         store = os.path.join(tmp, "b.zarr")
@@ -99,6 +119,7 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
         seconds["clean + restore + write"] = time.perf_counter() - start
         open_dataset(store)  # the writes are complete and readable
 
+    workers = _worker_peaks()
     megabytes = count * size * size * 4 / 1e6
     stages = {}
     for name, s in seconds.items():
@@ -109,6 +130,7 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
         "size": size, "count": count, "megabytes": megabytes,
         "floor_mb_per_s": megabytes / seconds["floor"], "pipeline_mb_per_s": megabytes / pipeline_seconds,
         "ratio_to_floor": pipeline_seconds / seconds["floor"], "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_workers_bytes": workers,
         "stages": stages,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
@@ -119,6 +141,9 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
     echo(f"{'pipeline (all but ingest)':<30} {pipeline_seconds / count:>15.3f} {result['pipeline_mb_per_s']:>9.1f} "
          f"{result['ratio_to_floor']:>8.2f}")
     echo(f"peak resident memory: {result['peak_rss_bytes'] / 1e9:.2f} GB")
+    if workers:
+        echo("peak resident memory of each worker process: "
+             + ", ".join(f"{v / 1e9:.2f} GB" for v in workers.values()))
     return result
 
 

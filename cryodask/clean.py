@@ -80,7 +80,9 @@ def measure_defects(ds: xr.Dataset, *, gain_reference=None, defects=None) -> Dat
     stats = da.map_blocks(_stats_block, data, gain, known, dtype=np.float32,
                           chunks=(data.chunks[0], (N_STATISTICS + 1,), data.chunks[1], data.chunks[2]),
                           new_axis=1)
-    (total,) = progress.compute(stats.sum(axis=0))
+    # Summed two at a time: a task holds three micrographs' statistics at most, whatever the
+    # dataset's size (a wider tree holds more at once; the count of additions is the same).
+    (total,) = progress.compute(stats.sum(axis=0, split_every=2))
     sums = total[:N_STATISTICS]
     mean_counts = float(total[N_STATISTICS, 0, 0]) / n
     fano = float(total[N_STATISTICS, 0, 1]) / n
