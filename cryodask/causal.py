@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.fft
 
 from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY, find_impulses, correct_pixels
 from cryodask.physics import CTFParams, ctf_2d, electron_wavelength_A, frequency_grid
@@ -262,7 +263,7 @@ def measure_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimat
     mean = float(clean.mean())
     # One transform and one CTF² grid serve the spectral fit, the background, the ice and
     # the shells.
-    f = np.fft.rfft2(clean - mean)
+    f = scipy.fft.rfft2(clean - mean)
     power = (f.real**2 + f.imag**2) / clean.size**2
     del f
     ky, kx = frequency_grid(clean.shape, pixel_size_A, layout="rfft")
@@ -397,7 +398,7 @@ def smooth_gain_pattern(gain_estimate):
 
 def _shell_power(pattern, k, pixel_size_A):
     """A pattern's power per Fourier pixel (variance units), averaged on the shells ``k``."""
-    f = np.fft.rfft2(pattern - pattern.mean())
+    f = scipy.fft.rfft2(pattern - pattern.mean())
     power = (f.real**2 + f.imag**2) / pattern.size
     ky, kx = frequency_grid(pattern.shape, pixel_size_A, layout="rfft", dtype=np.float64)
     kk = (np.sqrt(ky**2 + kx**2) + 0 * kx).ravel()
@@ -578,7 +579,7 @@ def spectrum_shells(image, params: CTFParams | None, *, pixel_size_A: float, she
     """
     x = np.asarray(image, dtype=np.float32)
     if power is None:
-        f = np.fft.rfft2(x - x.mean())
+        f = scipy.fft.rfft2(x - x.mean())
         power = (f.real.astype(np.float64) ** 2 + f.imag.astype(np.float64) ** 2) / x.size
     ky, kx = frequency_grid(x.shape, pixel_size_A, layout="rfft", dtype=np.float64)
     kk = (np.sqrt(ky**2 + kx**2) + 0 * kx).ravel()

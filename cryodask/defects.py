@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 
 from cryodask.artifacts import HOT_PIXEL, XRAY
 from cryodask.backend import namespace
@@ -126,7 +127,7 @@ def estimate_defects(sums, n_micrographs: int, *, mean_counts: float | None = No
 
 def _white_noise_power(pattern):
     """Per-pixel variance of the white part of a pattern, from its outer Fourier shell."""
-    f = np.fft.rfft2(pattern - pattern.mean())
+    f = scipy.fft.rfft2(pattern - pattern.mean())
     power = (np.abs(f) ** 2) / pattern.size
     ky = np.abs(np.fft.fftfreq(pattern.shape[0]))[:, None]
     kx = np.fft.rfftfreq(pattern.shape[1])[None, :]
@@ -139,7 +140,7 @@ def _wiener(pattern, noise_var):
     The pattern's power spectrum, averaged in rings, minus the noise power gives the
     signal power; each Fourier coefficient is scaled by ``S / (S + N)``.
     """
-    f = np.fft.rfft2(pattern)
+    f = scipy.fft.rfft2(pattern)
     power = (np.abs(f) ** 2) / pattern.size
     ky = np.fft.fftfreq(pattern.shape[0])[:, None]
     kx = np.fft.rfftfreq(pattern.shape[1])[None, :]
@@ -149,7 +150,7 @@ def _wiener(pattern, noise_var):
     ring = np.bincount(bins.ravel(), weights=power.ravel(), minlength=65) / np.maximum(counts, 1)
     signal = np.maximum(ring - noise_var, 0.0)
     gain = signal / (signal + noise_var)
-    return np.fft.irfft2(f * gain[bins], s=pattern.shape)
+    return scipy.fft.irfft2(f * gain[bins], s=pattern.shape)
 
 
 def read_gain_reference(path, *, rotate: int = 0, flip: int = 0, shape=None) -> np.ndarray:

@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 from scipy import ndimage
 
 __all__ = [
@@ -129,7 +130,7 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
     noise = 1.4826 * np.median(np.abs(diffs - np.median(diffs, axis=(2, 3), keepdims=True)),
                                axis=(2, 3)) / np.sqrt(2.0)
     window = np.hanning(tile_px)
-    spectra = np.abs(np.fft.rfft2((t - mean[..., None, None]) * np.outer(window, window))) ** 2
+    spectra = np.abs(scipy.fft.rfft2((t - mean[..., None, None]) * np.outer(window, window))) ** 2
     fy = np.abs(np.fft.fftfreq(tile_px))[:, None]
     fx = np.fft.rfftfreq(tile_px)[None, :]
     f = np.hypot(fy, fx) / 0.5  # fraction of Nyquist

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 
 import numpy as np
+import scipy.fft
 
 from cryodask.backend import fft_module, namespace, to_numpy
 from cryodask.physics import CTFParams, ctf_2d, frequency_grid
@@ -101,7 +102,7 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
     ny, nx = image.shape[:2]
     if power is None:
         x = np.asarray(to_numpy(image), dtype=np.float32)
-        f = np.fft.rfft2(x - x.mean())
+        f = scipy.fft.rfft2(x - x.mean())
         power = (f.real**2 + f.imag**2) / (ny * nx)
     ky, kx = frequency_grid((ny, nx), pixel_size_A, layout="rfft")
     if ctf2 is None:

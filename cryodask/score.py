@@ -39,6 +39,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.fft
 
 from cryodask.ctf import CTFSearch, check_sectors, estimate_ctf, _bin_factor
 from cryodask.physics import CTFParams, electron_wavelength_A
@@ -151,7 +152,7 @@ class RuleLimits:
 def _radial_power(image, pixel_size_A):
     """The periodogram (power per Fourier pixel, rfft half plane) and its frequencies."""
     x = np.asarray(image, dtype=np.float32)
-    f = np.fft.rfft2(x - x.mean())
+    f = scipy.fft.rfft2(x - x.mean())
     power = (f.real.astype(np.float64) ** 2 + f.imag.astype(np.float64) ** 2) / x.size
     ky = np.fft.fftfreq(x.shape[0], d=pixel_size_A)[:, None]
     kx = np.fft.rfftfreq(x.shape[1], d=pixel_size_A)[None, :]
