@@ -709,13 +709,15 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
                   gain_reference=None, defects=None, clean: bool = True, reference: dict | None = None,
                   particle_density_per_um2: float = 100.0, n_neighbours: int = 1, n_bootstrap: int = 32,
                   seed: int = 0, checkpoint=None, ctf_prior=None, prior_window: float = 0.25):
-    """Score every micrograph (computes: several passes over the dataset).
+    """Score every micrograph (computes: two passes over the dataset).
 
-    Pass 1 finds the dataset's defects and gain (:func:`cryodask.clean.measure_defects`);
-    then each micrograph is cleaned in memory and its CTF fitted, its noise decomposed
-    under the dataset prior (:func:`noise_dataset`), and measured for the rules
-    (:func:`score_measurements`); the reductions -- novelty over a faiss index, the
-    prior's bootstrap stability -- and V and HyperScore follow (:mod:`cryodask.score`).
+    Pass 1 finds the dataset's defects and gain (:func:`cryodask.clean.measure_defects`).
+    Pass 2 reads each micrograph once and, in one task per chunk, cleans it in memory, fits
+    its CTF, measures what the noise model needs (:func:`noise_measurements`) and what the
+    rules need (:func:`score_measurements`). Then, without the images: the noise decomposed
+    under the dataset's priors (:func:`noise_dataset`), the reductions -- novelty over a
+    faiss index, the prior's bootstrap stability -- and V and HyperScore
+    (:mod:`cryodask.score`).
 
     Parameters
     ----------
@@ -774,20 +776,25 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
         work, exclude, extra = raw, None, xr.Dataset()
     ctf = xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude, prior=ctf_prior,
                                          prior_window=prior_window), extra])
-    ctf = checkpoint.compute("ctf", ctf) if checkpoint is not None else progress.compute(ctf)[0]
     known = defects if measured is None else measured.defects
     gain_estimate = None if measured is None else measured.gain
     prior = n >= MIN_DATASET_MICROGRAPHS
     # The ΔRepro refit searches the whole range even where a prior confined the fit: a
     # prior that forced a fit shows as irreproducible.
     measurements = score_measurements(raw, work, ctf, exclude=exclude, search=search, defects=known)
-    # One pass over the images for the noise model and the rules: each micrograph is read
-    # (and cleaned) once for both.
     noise = (noise_measurements(raw, ctf, gain_estimate=gain_estimate, defects=known) if prior
              else noise_dataset(raw, ctf, gain_estimate=gain_estimate, defects=known))
-    both = xr.merge([noise, measurements])
-    both = checkpoint.compute("noise_and_measurements", both) if checkpoint is not None else progress.compute(both)[0]
-    measurements = both[list(measurements.data_vars)]
+    # One pass: the CTF, the noise model's and the rules' measurements of a chunk are one
+    # graph over the same image reads and cleaning, computed together.
+    both = xr.merge([ctf, noise, measurements])
+    if checkpoint is not None:
+        both = checkpoint.compute("scoring", both)
+    else:
+        # As built: Dask 2026.8's graph optimisation loses a dependency of the CTF variables
+        # when they are computed together with the passes built on them ("Missing
+        # dependency ('astype-…')"); the graph as built computes each task once all the same.
+        (both,) = progress.compute(both, optimize_graph=False)
+    ctf, measurements = both[list(ctf.data_vars)], both[list(measurements.data_vars)]
     if prior:
         noise = noise_dataset(raw, ctf, prior=True, measured=both["noise_measurement"].values)
     else:
