@@ -86,12 +86,13 @@ class Checkpoint:
         """Delete the folder (once the results are stored for good)."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def compute(self, name: str, lazy):
+    def compute(self, name: str, lazy, also=()):
         """Compute ``lazy`` (a Dataset or DataArray along ``micrograph``), resuming.
 
         Dask-backed variables must have ``micrograph`` as their first dimension; they are
         computed one chunk of micrographs per task. Variables already in memory and the
-        coordinates are taken as they are.
+        coordinates are taken as they are. ``also``: other Dask work (e.g. tasks that write
+        files) computed in the same call, sharing the tasks it has in common with ``lazy``.
         """
         from cryodask import progress
 
@@ -121,8 +122,8 @@ class Checkpoint:
             blocks = {k: _chunk_blocks(ds[k].data) for k in lazy_names}
             tasks = [dask.delayed(_save, pure=False)(p, lazy_names, *[blocks[k][i] for k in lazy_names])
                      for i, p in todo]
-            if tasks:
-                progress.compute(*tasks)
+            if tasks or also:
+                progress.compute(*tasks, *also)
             parts = []
             for p in paths:
                 with np.load(p) as part:
@@ -134,6 +135,8 @@ class Checkpoint:
                     stacked = stacked.astype(object)
                 values[k] = (ds[k].dims, stacked, ds[k].attrs)
             ds = ds.assign(values)
+        elif also:
+            progress.compute(*also)
         out = ds.compute()
         if not as_array:
             return out

@@ -705,10 +705,43 @@ def _resumable_defects(ds, gain_reference, defects, checkpoint):
     return found
 
 
+def _write_restored(block, paths, pixels):
+    from cryodask.io.export import _write_one
+
+    for image, path, pixel in zip(block, paths, pixels):
+        _write_one(path, image, float(pixel), "float32", False)  # temporary name, then renamed
+    return len(paths)
+
+
+def _restore_writes(ds, work, ctf, out_dir, method):
+    """The tasks that restore and write the micrographs without a file in ``out_dir``: one
+    per chunk, over the graph as built, so that computed with the scoring pass they share
+    its reads, cleaning and CTF fits (an optimised copy would repeat them)."""
+    import dask
+
+    from cryodask.io.export import output_stem
+
+    os.makedirs(out_dir, exist_ok=True)
+    names = [str(n) for n in ds["micrograph_name"].values]
+    paths = [os.path.join(out_dir, output_stem(name) + ".mrc") for name in names]
+    todo = np.asarray([i for i, path in enumerate(paths) if not os.path.isfile(path)], int)
+    if todo.size == 0:
+        return []
+    if todo.size < len(names):
+        work, ctf = work.isel(micrograph=todo), ctf.isel(micrograph=todo)
+    restored = restore_dataset(work, ctf, method=method).data
+    pixels = np.asarray(ds["pixel_size_A"], np.float64)[todo]
+    bounds = np.concatenate([[0], np.cumsum(restored.chunks[0])]).astype(int)
+    blocks = restored.to_delayed(optimize_graph=False).ravel()
+    return [dask.delayed(_write_restored, pure=False)(block, [paths[i] for i in todo[a:b]], pixels[a:b])
+            for block, a, b in zip(blocks, bounds[:-1], bounds[1:])]
+
+
 def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=None, weights=None,
                   gain_reference=None, defects=None, clean: bool = True, reference: dict | None = None,
                   particle_density_per_um2: float = 100.0, n_neighbours: int = 1, n_bootstrap: int = 32,
-                  seed: int = 0, checkpoint=None, ctf_prior=None, prior_window: float = 0.25):
+                  seed: int = 0, checkpoint=None, ctf_prior=None, prior_window: float = 0.25,
+                  restore_to=None, restore_method: str = "wiener"):
     """Score every micrograph (computes: two passes over the dataset).
 
     Pass 1 finds the dataset's defects and gain (:func:`cryodask.clean.measure_defects`).
@@ -739,6 +772,10 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
         Novelty's neighbours; the prior's bootstrap resamples and their seed.
     ctf_prior, prior_window :
         Earlier CTF results to search near (see :func:`estimate_ctf_dataset`).
+    restore_to : path, optional
+        Also restore each micrograph in the second pass (``restore_method``, see
+        :func:`restore_dataset`) and write it to ``restore_to/<stem>.mrc`` (float32, under a
+        temporary name until whole); micrographs with a file there already are left alone.
     checkpoint : cryodask.checkpoint.Checkpoint, optional
         Keeps each pass's per-micrograph results on disk as they complete; a run started
         again after an interruption reads them back instead of recomputing them (the
@@ -787,13 +824,14 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     # One pass: the CTF, the noise model's and the rules' measurements of a chunk are one
     # graph over the same image reads and cleaning, computed together.
     both = xr.merge([ctf, noise, measurements])
+    writes = [] if restore_to is None else _restore_writes(ds, work, ctf, restore_to, restore_method)
     if checkpoint is not None:
-        both = checkpoint.compute("scoring", both)
+        both = checkpoint.compute("scoring", both, also=writes)
     else:
         # As built: Dask 2026.8's graph optimisation loses a dependency of the CTF variables
         # when they are computed together with the passes built on them ("Missing
         # dependency ('astype-…')"); the graph as built computes each task once all the same.
-        (both,) = progress.compute(both, optimize_graph=False)
+        both = progress.compute(both, *writes, optimize_graph=False)[0]
     ctf, measurements = both[list(ctf.data_vars)], both[list(measurements.data_vars)]
     if prior:
         noise = noise_dataset(raw, ctf, prior=True, measured=both["noise_measurement"].values)

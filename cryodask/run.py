@@ -309,15 +309,19 @@ def _run(config, paths, groups, echo):
                        max_astigmatism_A=c["max_astigmatism_A"])
     if len(groups) > 1:
         echo(f"{len(groups)} micrograph shapes: one store each, scored as separate datasets")
-    datasets = [_scored(config, store, files, checkpoint, search, echo) for store, files, checkpoint in groups]
+    method = config["restore"]["method"]
+    restore_to = None if method in ("none", None) else paths["restored"]
+    datasets = [_scored(config, store, files, checkpoint, search, echo, restore_to)
+                for store, files, checkpoint in groups]
     combined = per_micrograph([ds for ds, _, _ in datasets])
     table = scores_table(combined)
     write_table(table, paths["scores"])
     write_ctf_star(combined, paths["ctf_star"])
     written = {"store": groups[0][0] if len(groups) == 1 else [g[0] for g in groups],
                "scores": paths["scores"], "ctf_star": paths["ctf_star"]}
-    method = config["restore"]["method"]
-    if method not in ("none", None):
+    if restore_to is not None:
+        # Restored in the scoring pass; here only what that pass did not write (its scores
+        # were in the store already when the run began).
         for ds, gain, known in datasets:
             _restore(ds, config, paths, method, gain, known, echo)
         write_ctf_star(combined, os.path.join(paths["restored"], "micrographs_ctf.star"))
@@ -338,9 +342,10 @@ def _run(config, paths, groups, echo):
     return written
 
 
-def _scored(config, store, files, checkpoint_dir, search, echo):
-    """Ingest (unless the store is there) and score (unless the scores are); the dataset,
-    and the gain reference and known defects read for its shape."""
+def _scored(config, store, files, checkpoint_dir, search, echo, restore_to=None):
+    """Ingest (unless the store is there) and score (unless the scores are), restoring to
+    ``restore_to`` in the same pass; the dataset, and the gain reference and known defects
+    read for its shape."""
     from cryodask import pipeline
     from cryodask.checkpoint import Checkpoint
     from cryodask.defects import read_defect_file, read_gain_reference
@@ -370,15 +375,27 @@ def _scored(config, store, files, checkpoint_dir, search, echo):
             from cryodask.io.ctf_results import read_ctf_results
 
             prior = read_ctf_results(config["ctf"]["prior"])
+        before = _restored_count(ds, restore_to)
         scores, _ = pipeline.score_dataset(ds, search=search, limits=limits, gain_reference=gain, defects=known,
                                            clean=config["clean"], checkpoint=checkpoint, ctf_prior=prior,
-                                           prior_window=config["ctf"]["prior_window"])
+                                           prior_window=config["ctf"]["prior_window"], restore_to=restore_to,
+                                           restore_method=config["restore"]["method"])
         write_variables(scores, store, overwrite=True)
         checkpoint.remove()
         ds = open_dataset(store)
-        echo(f"cleaned, fitted CTFs, decomposed the noise and scored {ds.sizes['micrograph']} micrographs "
-             f"({time.perf_counter() - t:.1f} s)")
+        restored = "" if restore_to is None else (
+            f", restored {_restored_count(ds, restore_to) - before} ({config['restore']['method']}) -> {restore_to}/")
+        echo(f"cleaned, fitted CTFs, decomposed the noise and scored {ds.sizes['micrograph']} micrographs"
+             f"{restored} ({time.perf_counter() - t:.1f} s)")
     return ds, gain, known
+
+
+def _restored_count(ds, out_dir):
+    from cryodask.io.export import output_stem
+
+    if out_dir is None:
+        return 0
+    return sum(os.path.isfile(os.path.join(out_dir, output_stem(str(n)) + ".mrc")) for n in ds["micrograph_name"].values)
 
 
 def _restore(ds, config, paths, method, gain, known, echo):
@@ -407,4 +424,4 @@ def _restore(ds, config, paths, method, gain, known, echo):
         echo(f"restored {len(todo)} micrographs ({method}) -> {out_dir}/ ({time.perf_counter() - t:.1f} s)"
              + (f"; {len(names) - len(todo)} were done already" if len(todo) < len(names) else ""))
     else:
-        echo(f"restore: all {len(names)} micrographs were done already")
+        echo(f"restore: all {len(names)} micrographs have their file")

@@ -54,7 +54,11 @@ def test_run_dry_run_then_run_then_resume(tmp_path, capsys):
     assert "would ingest: 5 file(s)" in text and "would report" in text
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
+    capsys.readouterr()
     assert main(["run", str(config)]) == 0
+    text = capsys.readouterr().out
+    # Restored in the scoring pass, each micrograph read and cleaned once for both.
+    assert "restored 5 (wiener)" in text and "restore: all 5 micrographs have their file" in text
     out = tmp_path / "out"
     restored = sorted((out / "restored").glob("*.mrc"))
     assert len(restored) == 5

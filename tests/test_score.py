@@ -273,3 +273,28 @@ def test_score_command_flags_the_duplicate_and_selects(tmp_path, capsys):
     assert main(["score", *files, "--out", str(tmp_path / "again.csv"), "--dose", "40",
                  "--reference", str(tmp_path / "lib.npz")]) == 0
     assert (pd.read_csv(tmp_path / "again.csv")["novelty"] < 0.05).all()
+
+
+def test_scoring_and_restoring_fit_each_micrograph_once(sim_dir, tmp_path, monkeypatch):
+    # The second pass is one graph: the CTF fit, the noise model's and the rules'
+    # measurements and the restored file of a micrograph share its read and cleaning.
+    import dask
+    import mrcfile
+
+    from cryodask import pipeline
+    from cryodask.ingest import ingest
+
+    ds = ingest(str(sim_dir / "*.mrc"), str(tmp_path / "s.zarr"))
+    fits = []
+    original = pipeline.estimate_ctf
+    monkeypatch.setattr(pipeline, "estimate_ctf", lambda *a, **k: fits.append(1) or original(*a, **k))
+    with dask.config.set(scheduler="threads"):
+        scores, _ = pipeline.score_dataset(ds, restore_to=str(tmp_path / "restored"))
+    n = ds.sizes["micrograph"]
+    assert len(fits) == n
+    files = sorted((tmp_path / "restored").glob("*.mrc"))
+    assert len(files) == n
+    with mrcfile.open(files[0]) as mrc:
+        assert mrc.data.shape == (ds.sizes["y"], ds.sizes["x"]) and mrc.data.dtype == np.float32
+        assert np.isfinite(mrc.data).all() and float(np.std(mrc.data)) > 0
+    assert np.isfinite(np.asarray(scores["hyperscore"])).all()
