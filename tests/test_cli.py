@@ -61,12 +61,14 @@ def test_bench_reports_the_floor_and_every_stage(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--size", "256", "--count", "4", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    for key in ("floor_mb_per_s", "pipeline_mb_per_s", "ratio_to_floor", "peak_rss_bytes", "stages"):
+    for key in ("floor_mb_per_s", "pipeline_mb_per_s", "ratio_to_floor", "peak_rss_bytes", "stages",
+                "pipeline_seconds", "stages_seconds"):
         assert key in result
     assert result["ratio_to_floor"] > 1.0  # the pipeline does more than the floor
     assert result["stages"]["floor"]["ratio_to_floor"] == 1.0
     assert {"clean + regions + CTF", "noise model", "clean + restore + write"} <= set(result["stages"])
-    assert "x floor" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "x floor" in text and "pipeline (2 passes, as run)" in text
 
 
 def test_bench_over_several_counts_runs_each_in_its_own_process(tmp_path, capsys):
