@@ -22,7 +22,7 @@ import dask
 import numpy as np
 import xarray as xr
 
-__all__ = ["Checkpoint"]
+__all__ = ["Checkpoint", "compute_by_chunk"]
 
 _KEY_FILE = "checkpoint.json"
 
@@ -44,6 +44,67 @@ def _chunk_blocks(array):
     whole = array.rechunk({axis: -1 for axis in range(1, array.ndim)})
     delayed = whole.to_delayed(optimize_graph=False)
     return list(delayed.reshape(delayed.shape[0], -1)[:, 0])
+
+
+def _by_chunk(lazy, what):
+    """``lazy`` as a Dataset whose Dask variables share one chunking along ``micrograph``:
+    (was a DataArray, the dataset, the Dask variables' names, the chunks' bounds)."""
+    as_array = isinstance(lazy, xr.DataArray)
+    ds = lazy.to_dataset(name="__value__") if as_array else lazy
+    ds = ds.assign_coords({k: v.compute() for k, v in ds.coords.items() if v.chunks is not None})
+    names = [k for k, v in ds.data_vars.items() if v.chunks is not None]
+    for k in names:
+        if ds[k].dims[0] != "micrograph":
+            raise ValueError(f"{what}: variable {k} does not run along micrograph first")
+    bounds = np.zeros(1, int)
+    if names:
+        chunks = ds[names[0]].chunks[0]
+        ds = ds.assign({k: ds[k].chunk({"micrograph": chunks}) for k in names})
+        bounds = np.concatenate([[0], np.cumsum(chunks)]).astype(int)
+    return as_array, ds, names, bounds
+
+
+def _assembled(lazy, as_array, ds, names, parts):
+    """The computed result from each chunk's variables (``parts``, in chunk order)."""
+    if names:
+        values = {}
+        for k in names:
+            stacked = np.concatenate([part[k] for part in parts], axis=0)
+            if ds[k].dtype == object:
+                stacked = stacked.astype(object)
+            values[k] = (ds[k].dims, stacked, ds[k].attrs)
+        ds = ds.assign(values)
+    out = ds.compute()
+    if not as_array:
+        return out
+    value = out["__value__"]
+    value.name = lazy.name
+    return value
+
+
+def _gathered(names, *arrays):
+    return {name: np.asarray(values) for name, values in zip(names, arrays)}
+
+
+def compute_by_chunk(lazy, also=()):
+    """Compute ``lazy`` (a Dataset or DataArray along ``micrograph``) one task per chunk of
+    micrographs that yields all its variables, as :meth:`Checkpoint.compute` does without
+    the files.
+
+    The variables of a chunk then share their upstream tasks (reading, cleaning) and a chunk
+    is finished before the next ones pile up: the memory held grows with the chunk, not with
+    the dataset (computed as a whole, several outputs over the same images may be ordered
+    output by output, holding every micrograph's intermediates meanwhile). ``also``: other
+    Dask work computed in the same call.
+    """
+    from cryodask import progress
+
+    as_array, ds, names, bounds = _by_chunk(lazy, "compute_by_chunk")
+    blocks = {k: _chunk_blocks(ds[k].data) for k in names}
+    tasks = [dask.delayed(_gathered, pure=False)(names, *[blocks[k][i] for k in names])
+             for i in range(len(bounds) - 1)]
+    parts = list(progress.compute(*tasks, *also)[:len(tasks)]) if tasks or also else []
+    return _assembled(lazy, as_array, ds, names, parts)
 
 
 class Checkpoint:
@@ -96,19 +157,11 @@ class Checkpoint:
         """
         from cryodask import progress
 
-        as_array = isinstance(lazy, xr.DataArray)
-        ds = lazy.to_dataset(name="__value__") if as_array else lazy
-        ds = ds.assign_coords({k: v.compute() for k, v in ds.coords.items() if v.chunks is not None})
-        lazy_names = [k for k, v in ds.data_vars.items() if v.chunks is not None]
-        for k in lazy_names:
-            if ds[k].dims[0] != "micrograph":
-                raise ValueError(f"checkpoint {name}: variable {k} does not run along micrograph first")
+        as_array, ds, lazy_names, bounds = _by_chunk(lazy, f"checkpoint {name}")
         folder = os.path.join(self.directory, name)
         os.makedirs(folder, exist_ok=True)
+        parts = []
         if lazy_names:
-            chunks = ds[lazy_names[0]].chunks[0]
-            ds = ds.assign({k: ds[k].chunk({"micrograph": chunks}) for k in lazy_names})
-            bounds = np.concatenate([[0], np.cumsum(chunks)]).astype(int)
             paths = [os.path.join(folder, f"{a:07d}-{b:07d}.npz") for a, b in zip(bounds[:-1], bounds[1:])]
             todo = [(i, p) for i, p in enumerate(paths) if not os.path.isfile(p)]
             done = int(bounds[-1]) - sum(int(bounds[i + 1] - bounds[i]) for i, _ in todo)
@@ -124,22 +177,9 @@ class Checkpoint:
                      for i, p in todo]
             if tasks or also:
                 progress.compute(*tasks, *also)
-            parts = []
             for p in paths:
                 with np.load(p) as part:
                     parts.append({k: part[k] for k in lazy_names})
-            values = {}
-            for k in lazy_names:
-                stacked = np.concatenate([part[k] for part in parts], axis=0)
-                if ds[k].dtype == object:
-                    stacked = stacked.astype(object)
-                values[k] = (ds[k].dims, stacked, ds[k].attrs)
-            ds = ds.assign(values)
         elif also:
             progress.compute(*also)
-        out = ds.compute()
-        if not as_array:
-            return out
-        value = out["__value__"]
-        value.name = lazy.name
-        return value
+        return _assembled(lazy, as_array, ds, lazy_names, parts)

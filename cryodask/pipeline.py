@@ -791,7 +791,7 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     library : dict
         The novelty library of this dataset (see :func:`cryodask.score.novelty`).
     """
-    from cryodask import progress
+    from cryodask.checkpoint import compute_by_chunk
     from cryodask.causal import NOISE_CAUSES
     from cryodask.clean import MIN_DATASET_MICROGRAPHS, clean_for_fitting
     from cryodask.causal import dataset_quality
@@ -825,13 +825,14 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     # graph over the same image reads and cleaning, computed together.
     both = xr.merge([ctf, noise, measurements])
     writes = [] if restore_to is None else _restore_writes(ds, work, ctf, restore_to, restore_method)
+    # One task per chunk yields all its variables: the chunk's reads and cleaning are shared
+    # and memory does not grow with the dataset. (Computed as a whole, Dask 2026.8's graph
+    # optimisation also loses a dependency of the CTF variables: "Missing dependency
+    # ('astype-…')".)
     if checkpoint is not None:
         both = checkpoint.compute("scoring", both, also=writes)
     else:
-        # As built: Dask 2026.8's graph optimisation loses a dependency of the CTF variables
-        # when they are computed together with the passes built on them ("Missing
-        # dependency ('astype-…')"); the graph as built computes each task once all the same.
-        both = progress.compute(both, *writes, optimize_graph=False)[0]
+        both = compute_by_chunk(both, also=writes)
     ctf, measurements = both[list(ctf.data_vars)], both[list(measurements.data_vars)]
     if prior:
         noise = noise_dataset(raw, ctf, prior=True, measured=both["noise_measurement"].values)
