@@ -26,11 +26,10 @@ def _current_client():
         return None
 
 
-def compute(*objects, progress: bool | None = None, optimize_graph: bool = True):
+def compute(*objects, progress: bool | None = None):
     """``dask.compute(*objects)``, shown with a progress bar when ``progress`` is on.
 
     ``progress=None`` reads the Dask config key ``cryodask.progress`` (default False).
-    ``optimize_graph=False`` computes the graph as built.
     """
     if progress is None:
         progress = bool(dask.config.get("cryodask.progress", default=False))
@@ -38,20 +37,20 @@ def compute(*objects, progress: bool | None = None, optimize_graph: bool = True)
         # A dataset's gain estimate and defect map (a few MB) ride along with the graph, once;
         # distributed's hint about large graphs says nothing the user can act on.
         warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
-        return _compute(objects, progress, optimize_graph)
+        return _compute(objects, progress)
 
 
-def _compute(objects, progress, optimize_graph=True):
+def _compute(objects, progress):
     if not progress:
-        return dask.compute(*objects, optimize_graph=optimize_graph)
+        return dask.compute(*objects)
     client = _current_client()
     if client is None:
         from dask.diagnostics import ProgressBar
 
         with ProgressBar(minimum=1.0, dt=0.5):
-            return dask.compute(*objects, optimize_graph=optimize_graph)
+            return dask.compute(*objects)
     from distributed import progress as distributed_progress
 
-    futures = client.compute(list(objects), optimize_graph=optimize_graph)
+    futures = client.compute(list(objects))
     distributed_progress(futures, notebook=False)
     return tuple(f.result() for f in futures)
