@@ -74,6 +74,7 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
         ``stages`` (name -> seconds, seconds per micrograph, MB/s, ratio to the floor), and
         the run's ``size``, ``count`` and machine.
     """
+    import dask
     import xarray as xr
 
     from cryodask import pipeline, progress
@@ -87,8 +88,6 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         params = draw_micrograph_params(count, shape=(size, size), seed=seed,
                                         ranges=DatasetRanges(n_hot_pixels=(50, 200), n_xrays=(2, 10)))
-        import dask
-
         # The test data are made here, not by the workers being measured.
         with dask.config.set(scheduler="threads"):
             write_simulated_dataset(os.path.join(tmp, "sim"), params, seed=seed,

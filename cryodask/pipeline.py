@@ -306,36 +306,16 @@ def _n_noise_fields():
 
 def _noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, resolution, dose, white, ice_scale,
                  gain, defects, shell_edges, particle_power, uncertainty=False):
-    from cryodask.causal import NOISE_CAUSES, decompose_noise
+    """The noise fields of a chunk: its measurements (:func:`_measure_noise_block`)
+    explained at once (:func:`_explain_rows`), without dataset priors."""
+    from cryodask.causal import measurement_length
 
-    n_fields = _n_noise_fields()
-    out = np.full((images.shape[0], n_fields), np.nan, dtype=np.float64)
-    for i in range(images.shape[0]):
-        if not np.isfinite(u[i]):
-            continue
-        params = _ctf_params((u[i], v[i], angle[i], voltage[i], cs[i], ac[i], phase[i]))
-        fixed = {name: float(value[i]) for name, value in (("white", white), ("ice_scale", ice_scale))
-                 if np.isfinite(value[i])}
-
-        def decompose(rows):
-            return decompose_noise(images[i][rows], params, pixel_size_A=float(pixel[i]),
-                                   # the whole gain itself: it keeps what it computed once
-                                   gain_estimate=None if gain.ndim != 2 else gain if rows == slice(None) else gain[rows],
-                                   defects=defects[rows] > 0 if defects.ndim == 2 else None, fixed=fixed,
-                                   dose_e_per_A2=float(dose[i]), shell_edges=shell_edges,
-                                   particle_power=particle_power)
-
-        found = decompose(slice(None))
-        errors = [np.nan] * (2 * len(NOISE_CAUSES))
-        if uncertainty:
-            # Two halves of the field measured alone: the whole's standard error is about
-            # half their difference (spatial heterogeneity included).
-            half = images.shape[1] // 2
-            top, bottom = decompose(slice(0, half)), decompose(slice(half, None))
-            errors = ([abs(top.shares[c] - bottom.shares[c]) / 2 for c in NOISE_CAUSES]
-                      + [abs(top.gain[c] - bottom.gain[c]) / 2 for c in NOISE_CAUSES])
-        out[i] = _noise_row(found, errors, resolution[i])
-    return out
+    length = measurement_length(images.shape[1:], len(shell_edges) - 1)
+    measured = _measure_noise_block(images, u, v, angle, voltage, cs, ac, phase, pixel, dose, gain, defects,
+                                    shell_edges, length, uncertainty=uncertainty)
+    ctf_rows = np.stack([u, v, angle, voltage, cs, ac, phase], axis=1)
+    return _explain_rows(measured, ctf_rows, resolution, white, ice_scale, length, particle_power=particle_power,
+                         uncertainty=uncertainty)
 
 
 def _noise_row(found, errors, resolution):
@@ -390,7 +370,7 @@ def _explain_rows(measured, ctf_rows, resolution, white, ice_scale, length, part
 
     out = np.full((measured.shape[0], _n_noise_fields()), np.nan, dtype=np.float64)
     for i in range(measured.shape[0]):
-        if not np.all(np.isfinite(ctf_rows[i])) or not np.isfinite(measured[i, 0]):
+        if not np.isfinite(measured[i, 0]):  # not measured: no CTF
             continue
         params = _ctf_params(ctf_rows[i])
         fixed = {name: float(value[i]) for name, value in (("white", white), ("ice_scale", ice_scale))
@@ -403,6 +383,8 @@ def _explain_rows(measured, ctf_rows, resolution, white, ice_scale, length, part
         found = explain(0)
         errors = [np.nan] * (2 * len(NOISE_CAUSES))
         if uncertainty:
+            # Two halves of the field measured alone: the whole's standard error is about
+            # half their difference (spatial heterogeneity included).
             top, bottom = explain(1), explain(2)
             errors = ([abs(top.shares[c] - bottom.shares[c]) / 2 for c in NOISE_CAUSES]
                       + [abs(top.gain[c] - bottom.gain[c]) / 2 for c in NOISE_CAUSES])
@@ -719,15 +701,14 @@ def _restore_writes(ds, work, ctf, out_dir, method):
     its reads, cleaning and CTF fits (an optimised copy would repeat them)."""
     import dask
 
-    from cryodask.io.export import output_stem
+    from cryodask.io.export import output_paths
 
     os.makedirs(out_dir, exist_ok=True)
-    names = [str(n) for n in ds["micrograph_name"].values]
-    paths = [os.path.join(out_dir, output_stem(name) + ".mrc") for name in names]
+    paths = output_paths(ds, out_dir)
     todo = np.asarray([i for i, path in enumerate(paths) if not os.path.isfile(path)], int)
     if todo.size == 0:
         return []
-    if todo.size < len(names):
+    if todo.size < len(paths):
         work, ctf = work.isel(micrograph=todo), ctf.isel(micrograph=todo)
     restored = restore_dataset(work, ctf, method=method).data
     pixels = np.asarray(ds["pixel_size_A"], np.float64)[todo]
@@ -821,14 +802,12 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     measurements = score_measurements(raw, work, ctf, exclude=exclude, search=search, defects=known)
     noise = (noise_measurements(raw, ctf, gain_estimate=gain_estimate, defects=known) if prior
              else noise_dataset(raw, ctf, gain_estimate=gain_estimate, defects=known))
-    # One pass: the CTF, the noise model's and the rules' measurements of a chunk are one
-    # graph over the same image reads and cleaning, computed together.
+    # The second pass: one task per chunk yields its CTF, noise and rule measurements (and
+    # writes its restored files), sharing the chunk's reads and cleaning; memory does not
+    # grow with the dataset. (Computed as a whole, Dask 2026.8's graph optimisation also
+    # loses a dependency of the CTF variables: "Missing dependency ('astype-…')".)
     both = xr.merge([ctf, noise, measurements])
     writes = [] if restore_to is None else _restore_writes(ds, work, ctf, restore_to, restore_method)
-    # One task per chunk yields all its variables: the chunk's reads and cleaning are shared
-    # and memory does not grow with the dataset. (Computed as a whole, Dask 2026.8's graph
-    # optimisation also loses a dependency of the CTF variables: "Missing dependency
-    # ('astype-…')".)
     if checkpoint is not None:
         both = checkpoint.compute("scoring", both, also=writes)
     else:

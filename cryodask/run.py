@@ -391,24 +391,20 @@ def _scored(config, store, files, checkpoint_dir, search, echo, restore_to=None)
 
 
 def _restored_count(ds, out_dir):
-    from cryodask.io.export import output_stem
+    from cryodask.io.export import output_paths
 
-    if out_dir is None:
-        return 0
-    return sum(os.path.isfile(os.path.join(out_dir, output_stem(str(n)) + ".mrc")) for n in ds["micrograph_name"].values)
+    return 0 if out_dir is None else sum(os.path.isfile(p) for p in output_paths(ds, out_dir))
 
 
 def _restore(ds, config, paths, method, gain, known, echo):
-    import numpy as np
-
-    from cryodask import pipeline, progress
-    from cryodask.io.export import export_mrc, output_stem
+    """Restore what the scoring pass did not (its scores were in the store already)."""
+    from cryodask import progress
+    from cryodask.pipeline import _restore_writes
 
     out_dir = paths["restored"]
-    names = [str(n) for n in ds["micrograph_name"].values]
-    todo = [i for i, name in enumerate(names)
-            if not os.path.isfile(os.path.join(out_dir, output_stem(name) + ".mrc"))]
-    if todo:
+    n = ds.sizes["micrograph"]
+    done = _restored_count(ds, out_dir)
+    if done < n:
         t = time.perf_counter()
         if config["clean"]:
             from cryodask.clean import clean_for_fitting
@@ -416,12 +412,9 @@ def _restore(ds, config, paths, method, gain, known, echo):
             work, _, _ = clean_for_fitting(ds, gain_reference=gain, defects=known)
         else:
             work = ds
-        subset = np.asarray(todo)
-        restored = pipeline.restore_dataset(work.isel(micrograph=subset), ds.isel(micrograph=subset), method=method)
-        out = ds[["micrograph_name", "pixel_size_A"]].isel(micrograph=subset).assign(image_restored=restored)
         # Each file is written under a temporary name and renamed: a file that exists is whole.
-        progress.compute(*export_mrc(out, out_dir, variable="image_restored", dtype="float32", compute=False))
-        echo(f"restored {len(todo)} micrographs ({method}) -> {out_dir}/ ({time.perf_counter() - t:.1f} s)"
-             + (f"; {len(names) - len(todo)} were done already" if len(todo) < len(names) else ""))
+        progress.compute(*_restore_writes(ds, work, ds, out_dir, method))
+        echo(f"restored {n - done} micrographs ({method}) -> {out_dir}/ ({time.perf_counter() - t:.1f} s)"
+             + (f"; {done} were done already" if done else ""))
     else:
-        echo(f"restore: all {len(names)} micrographs have their file")
+        echo(f"restore: all {n} micrographs have their file")

@@ -11,7 +11,7 @@ import xarray as xr
 from cryodask import progress
 from cryodask.io.images import EXACT_IN_FLOAT32, write_mrc
 
-__all__ = ["export_mrc", "output_stem"]
+__all__ = ["export_mrc", "output_paths", "output_stem"]
 
 
 def output_stem(micrograph_name: str) -> str:
@@ -20,6 +20,20 @@ def output_stem(micrograph_name: str) -> str:
     section, _, path = str(micrograph_name).rpartition("@")
     stem = os.path.splitext(os.path.basename(path))[0]
     return f"{stem}_{section}" if section else stem
+
+
+def output_paths(ds: xr.Dataset, out_dir, suffix: str = "") -> list:
+    """``out_dir/<stem><suffix>.mrc`` for each micrograph of ``ds`` (:func:`output_stem`);
+    an error if two micrographs would share one."""
+    paths = [os.path.join(os.fspath(out_dir), output_stem(str(n)) + suffix + ".mrc")
+             for n in ds["micrograph_name"].values]
+    seen = {}
+    for name, path in zip(ds["micrograph_name"].values, paths):
+        if path in seen:
+            raise ValueError(f"{seen[path]} and {name} would both be written to {path}: their input "
+                             "files share a name in different folders")
+        seen[path] = name
+    return paths
 
 
 def _write_one(path, data, pixel_size_A, dtype, overwrite):
@@ -67,17 +81,13 @@ def export_mrc(ds: xr.Dataset, out_dir, *, variable: str = "image", dtype: str =
         raise ValueError(f"{variable} has dims {da_.dims}; expected ('micrograph', 'y', 'x')")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    names = [str(n) for n in ds["micrograph_name"].values]
-    paths = [os.path.join(out_dir, output_stem(n) + suffix + ".mrc") for n in names]
-    if len(set(paths)) != len(paths):
-        raise ValueError("two micrographs would be written to the same file name; their input "
-                         "files share a name in different folders")
+    paths = output_paths(ds, out_dir, suffix)
     if dtype == "source":
-        dtypes = [str(d) for d in ds["source_dtype"].values] if "source_dtype" in ds else ["float32"] * len(names)
+        dtypes = [str(d) for d in ds["source_dtype"].values] if "source_dtype" in ds else ["float32"] * len(paths)
         dtypes = [d if d in EXACT_IN_FLOAT32 else "float32" for d in dtypes]
     else:
-        dtypes = [str(np.dtype(dtype))] * len(names)
-    pixel = ds["pixel_size_A"].values if "pixel_size_A" in ds else np.full(len(names), ds.attrs["pixel_size_A"])
+        dtypes = [str(np.dtype(dtype))] * len(paths)
+    pixel = ds["pixel_size_A"].values if "pixel_size_A" in ds else np.full(len(paths), ds.attrs["pixel_size_A"])
     tasks = [
         dask.delayed(_write_one)(path, da_.data[i], float(pixel[i]), dtypes[i], overwrite)
         for i, path in enumerate(paths)
