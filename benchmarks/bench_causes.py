@@ -22,7 +22,8 @@ import numpy as np
 
 from benchmarks.common import correlation, restore_as_pipeline, write_json
 from cryodask.artifacts import clean_micrograph, find_impulses
-from cryodask.causal import NOISE_CAUSES, decompose_noise, particle_spectrum, spectrum_shells
+from cryodask.causal import (NOISE_CAUSES, decompose_noise, ice_on_shells, measure_noise, particle_spectrum,
+                             spectrum_shells)
 from cryodask.defects import estimate_defects, micrograph_statistics
 from cryodask.simulate import Detector, MicrographParams, detector_state, simulate_micrograph
 
@@ -65,15 +66,21 @@ def main(argv=None) -> int:
         drawn.append((params, seed, sim))
     dataset = estimate_defects(sums, args.count, mean_counts=float(np.mean(medians)), fano=float(np.mean(fanos)))
     # The sample node across the dataset: the particles' spectrum from every micrograph's shells.
-    shells, scales = [], []
+    # Each micrograph's measured amorphous ice is taken out of it, as the pipeline does.
+    shells, scales, ice = [], [], []
     for params, seed, sim in drawn:
         cleaned, _ = clean_micrograph(sim.image / dataset.gain, defects=dataset.defects)
         shells.append(spectrum_shells(cleaned, params.ctf, pixel_size_A=1.0))
         scales.append(float(cleaned.mean()))
+        measured = measure_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=dataset.defects,
+                                 gain_estimate=dataset.gain, dose_e_per_A2=params.dose_e_per_A2)
+        ice.append(measured)
     shells = np.asarray(shells)
     edges = np.linspace(0.0, 0.5, shells.shape[2] + 1)
-    spectrum = particle_spectrum(shells[:, 0], shells[:, 1], np.asarray(scales))
-    particle_power = (0.5 * (edges[1:] + edges[:-1]), spectrum)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    ice = np.asarray([ice_on_shells(measured, centres) for measured in ice])
+    spectrum = particle_spectrum(shells[:, 0], shells[:, 1], np.asarray(scales), ice=ice)
+    particle_power = (centres, spectrum)
     for i, (params, seed, sim) in enumerate(drawn):
         alone = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=dataset.defects,
                                 gain_estimate=dataset.gain, dose_e_per_A2=params.dose_e_per_A2)

@@ -514,7 +514,7 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     else:
         # One pass reads the images; the decompositions, first alone and then under the
         # dataset's priors and particle spectrum, need only what it measured.
-        from cryodask.causal import measurement_length
+        from cryodask.causal import NoiseMeasurement, ice_on_shells, measurement_length
 
         length = measurement_length(ds["image"].shape[1:], N_SHELLS)
         if measured is None:
@@ -533,7 +533,12 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         alone = _explain_rows(measured, ctf_rows, resolution, unfixed, unfixed, length)
         values = alone[:, first_param:first_param + 4]
         shells = alone[:, first_shell:first_shell + 2 * N_SHELLS].reshape(n_micrographs, 2, N_SHELLS)
-        spectrum = particle_spectrum(shells[:, 0], shells[:, 1], alone[:, first_param + 6])
+        edges = np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        ice = np.zeros((n_micrographs, N_SHELLS))
+        for i in np.flatnonzero(np.isfinite(measured[:, 0])):
+            ice[i] = ice_on_shells(NoiseMeasurement.from_vector(measured[i, :length]), centres, values[i, 2])
+        spectrum = particle_spectrum(shells[:, 0], shells[:, 1], alone[:, first_param + 6], ice=ice)
         fixed = []
         for j, name in enumerate(("white", "ice_scale")):
             estimates, errors = values[:, 2 * j], values[:, 2 * j + 1]
@@ -543,8 +548,6 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
                 fixed.append(fit.values)
             else:
                 fixed.append(unfixed)
-        edges = np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)
-        centres = 0.5 * (edges[1:] + edges[:-1])
         rows = _explain_rows(measured, ctf_rows, resolution, *fixed, length, particle_power=(centres, spectrum),
                              uncertainty=uncertainty)
         coords = {"micrograph": ds["micrograph"]} if "micrograph" in ds.coords else {}

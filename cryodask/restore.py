@@ -35,6 +35,20 @@ def _ctf_grid(shape, pixel_size_A, params, xp, device=None):
     return ky, kx, ctf_2d(ky, kx, params, with_envelope=False)
 
 
+def _without_plane(x, xp):
+    """``x`` minus its least-squares plane: a gradient of ice thickness (a wedge) is no
+    specimen, and through the periodic transform its edge-to-edge step would spread over
+    every frequency along the axes, where the filter passes it. On the full grid the
+    plane's slopes come from the row and column means alone."""
+    ny, nx = x.shape[:2]
+    rows, cols = xp.mean(x, axis=1), xp.mean(x, axis=0)
+    y = xp.arange(ny, dtype=xp.float32) - xp.asarray((ny - 1) / 2, dtype=xp.float32)
+    u = xp.arange(nx, dtype=xp.float32) - xp.asarray((nx - 1) / 2, dtype=xp.float32)
+    slope_y = xp.sum(y * (rows - xp.mean(rows))) / xp.sum(y * y)
+    slope_x = xp.sum(u * (cols - xp.mean(cols))) / xp.sum(u * u)
+    return x - (xp.mean(rows) + slope_y * y[:, None] + slope_x * u[None, :])
+
+
 def phase_flip(image, params: CTFParams, *, pixel_size_A: float):
     """Multiply the image's transform by ``sign(CTF)``: protein comes out bright.
 
@@ -46,12 +60,12 @@ def phase_flip(image, params: CTFParams, *, pixel_size_A: float):
 
     Returns
     -------
-    (ny, nx) float32 array, mean zero
+    (ny, nx) float32 array, mean zero (its least-squares plane removed)
     """
     xp = namespace(image)
     fft = fft_module(image)
     x = xp.astype(image, xp.float32)
-    f = fft.rfftn(x - xp.mean(x), axes=(0, 1))
+    f = fft.rfftn(_without_plane(x, xp), axes=(0, 1))
     _, _, ctf = _ctf_grid(x.shape, pixel_size_A, params, xp)
     flip = xp.where(ctf >= 0, xp.asarray(1.0, dtype=xp.float32), xp.asarray(-1.0, dtype=xp.float32))
     return xp.astype(fft.irfftn(f * flip, s=x.shape, axes=(0, 1)), xp.float32)
@@ -204,7 +218,8 @@ def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None,
 
     Returns
     -------
-    (ny, nx) float32 array, mean zero, protein positive
+    (ny, nx) float32 array, mean zero, protein positive (the image's least-squares plane,
+    a thickness gradient, removed first)
 
     Notes
     -----
@@ -214,7 +229,7 @@ def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None,
     fft = fft_module(image)
     x = xp.astype(image, xp.float32)
     # One transform and one CTF grid serve the spectral fit and the filter.
-    f = fft.rfftn(x - xp.mean(x), axes=(0, 1))
+    f = fft.rfftn(_without_plane(x, xp), axes=(0, 1))
     ky, kx, ctf = _ctf_grid(x.shape, pixel_size_A, params, xp)
     if signal is None or noise is None or k is None:
         power = to_numpy(xp.real(f) ** 2 + xp.imag(f) ** 2) / (x.shape[0] * x.shape[1])

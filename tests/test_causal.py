@@ -70,17 +70,40 @@ def test_cli_noise_writes_the_table(tmp_path):
     assert (table["n_hot_pixels"] >= 40).all()  # 50 hot pixels each, counted as corrected
 
 
-def test_band_shares_sum_to_one_and_ice_sits_at_high_frequency():
+def test_band_shares_sum_to_one_and_follow_the_simulated_ice(monkeypatch):
+    """The ice's share of the noise in each band against the truth: the same micrograph
+    simulated without the ice's structure gives the ice's own contribution, and the image
+    minus its expected counts (defects left out) the other noise. The ice passes the
+    envelope (B = 50 Å²) and the pixel's MTF like the particles: most of its ring's power
+    is damped away, and its share is larger below 1/20 Å^-1 than beyond 1/8 Å^-1."""
+    import cryodask.simulate.micrograph as simulator
+    from cryodask.causal import BANDS_A
+    from cryodask.physics import frequency_grid
+
     state = detector_state(DETECTOR, (1024, 1024))
     params = MicrographParams(shape=(1024, 1024), dose_e_per_A2=30, ice_thickness_A=1400)
     sim = simulate_micrograph(params, detector=state, seed=5)
     found = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=state.defects)
-    from cryodask.causal import BANDS_A
+    ice_spectrum = simulator.ice_power_spectrum
+    monkeypatch.setattr(simulator, "ice_power_spectrum", lambda k, t, c=0.07: 0.0 * ice_spectrum(k, t, c))
+    without_ice = simulate_micrograph(params, detector=state, seed=5)
+    monkeypatch.undo()
 
-    for band in range(len(BANDS_A)):
+    def power(x):
+        f = np.fft.rfft2(x - x.mean())
+        return (f.real**2 + f.imag**2) / x.size
+
+    ice = power(sim.expected - without_ice.expected)
+    other = power(np.where(state.defects, 0.0, sim.image - sim.expected))
+    ky, kx = frequency_grid(sim.image.shape, 1.0, layout="rfft")
+    k = np.sqrt(ky**2 + kx**2)
+    truth = []
+    for band, (low_A, high_A) in enumerate(BANDS_A):
         assert sum(found.band_shares[c][band] for c in NOISE_CAUSES) == pytest.approx(1.0)
-    # The amorphous-ice ring (3.66 Å) puts the ice's structural noise in the last band.
-    assert found.band_shares["ice"][2] > found.band_shares["ice"][0]
+        inside = (k >= 1.0 / low_A) & ((k < 1.0 / high_A) if high_A > 0 else True)
+        truth.append(ice[inside].mean() / (ice[inside].mean() + other[inside].mean()))
+        assert found.band_shares["ice"][band] == pytest.approx(truth[band], abs=0.05)
+    assert truth[0] > truth[2] and found.band_shares["ice"][0] > found.band_shares["ice"][2]
 
 
 def test_fixed_node_values_are_used():
