@@ -24,7 +24,7 @@ from benchmarks.common import correlation, restore_as_pipeline, write_json
 from cryodask.artifacts import clean_micrograph, find_impulses
 from cryodask.causal import (NOISE_CAUSES, decompose_noise, ice_on_shells, measure_noise, particle_spectrum,
                              spectrum_shells)
-from cryodask.defects import estimate_defects, micrograph_statistics
+from cryodask.defects import estimate_defects, micrograph_statistics, ring_power
 from cryodask.simulate import Detector, MicrographParams, detector_state, simulate_micrograph
 
 DETECTOR = Detector(gain_std=0.03, n_dead_rows=1, n_dead_cols=2, n_stuck_pixels=20, read_noise_counts=1.0, seed=3)
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     rows = []
     # Pass 1 over the dataset, as the pipeline does: its defect map and gain estimate.
     drawn = []
-    sums, medians, fanos = 0, [], []
+    sums, rings, medians, fanos = 0, 0, [], []
     for i in range(args.count):
         mean = rng.uniform(10000, 30000)
         params = MicrographParams(shape=shape, dose_e_per_A2=rng.uniform(20, 60),
@@ -61,10 +61,12 @@ def main(argv=None) -> int:
         sim = simulate_micrograph(params, detector=state, seed=seed)
         impulses = find_impulses(sim.image)
         sums = sums + micrograph_statistics(sim.image, impulses.mask)
+        rings = rings + ring_power(sim.image, impulses.mask)
         medians.append(float(np.median(sim.image)))
         fanos.append(impulses.fano)
         drawn.append((params, seed, sim))
-    dataset = estimate_defects(sums, args.count, mean_counts=float(np.mean(medians)), fano=float(np.mean(fanos)))
+    dataset = estimate_defects(sums, args.count, mean_counts=float(np.mean(medians)), fano=float(np.mean(fanos)),
+                               ring_power=rings)
     # The sample node across the dataset: the particles' spectrum from every micrograph's shells.
     # Each micrograph's measured amorphous ice is taken out of it, as the pipeline does.
     shells, scales, ice = [], [], []
@@ -73,19 +75,19 @@ def main(argv=None) -> int:
         shells.append(spectrum_shells(cleaned, params.ctf, pixel_size_A=1.0))
         scales.append(float(cleaned.mean()))
         measured = measure_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=dataset.defects,
-                                 gain_estimate=dataset.gain, dose_e_per_A2=params.dose_e_per_A2)
+                                 gain_estimate=dataset, dose_e_per_A2=params.dose_e_per_A2)
         ice.append(measured)
     shells = np.asarray(shells)
     edges = np.linspace(0.0, 0.5, shells.shape[2] + 1)
     centres = 0.5 * (edges[1:] + edges[:-1])
     ice = np.asarray([ice_on_shells(measured, centres) for measured in ice])
-    spectrum = particle_spectrum(shells[:, 0], shells[:, 1], np.asarray(scales), ice=ice)
-    particle_power = (centres, spectrum)
+    particle_power = (centres, *particle_spectrum(shells[:, 0], shells[:, 1], np.asarray(scales), ice=ice,
+                                                  with_error=True))
     for i, (params, seed, sim) in enumerate(drawn):
         alone = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=dataset.defects,
-                                gain_estimate=dataset.gain, dose_e_per_A2=params.dose_e_per_A2)
+                                gain_estimate=dataset, dose_e_per_A2=params.dose_e_per_A2)
         found = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=dataset.defects,
-                                gain_estimate=dataset.gain, dose_e_per_A2=params.dose_e_per_A2,
+                                gain_estimate=dataset, dose_e_per_A2=params.dose_e_per_A2,
                                 particle_power=particle_power)
         truth = {c: sim.noise_variance[c] for c in NOISE_CAUSES}
         total = sum(truth.values())

@@ -113,7 +113,7 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
         seconds["clean + regions + CTF"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        (noise,) = progress.compute(pipeline.noise_dataset(ds, ctf, gain_estimate=measured.gain,
+        (noise,) = progress.compute(pipeline.noise_dataset(ds, ctf, gain_estimate=measured,
                                                            defects=measured.defects, prior=count >= 4))
         seconds["noise model"] = time.perf_counter() - start
 

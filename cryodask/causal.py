@@ -55,6 +55,7 @@ __all__ = [
     "dataset_quality",
     "ice_on_shells",
     "ice_signal",
+    "measured_spectrum",
     "particle_spectrum",
     "smooth_gain_pattern",
     "spectrum_shells",
@@ -161,10 +162,11 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
         The exposure's dose (metadata). With counting data it gives the ice's attenuation
         ``a`` (mean counts over electrons per pixel): thin ice would let ``1/a`` times the
         electrons through, which the ice's counterfactual gain includes.
-    particle_power : (shell_k, T), optional
+    particle_power : (shell_k, T) or (shell_k, T, error), optional
         The dataset's particle spectrum (:func:`particle_spectrum`, relative to the mean
-        count squared, on shells ``shell_k`` in 1/Å): the expected quality and the gains then
-        weigh the frequencies as the particles do, the lowest included.
+        count squared, on shells ``shell_k`` in 1/Å), with its standard error: the expected
+        quality and the gains then weigh the frequencies as the particles do, the lowest
+        included, where it is measured (:func:`measured_spectrum`).
     shell_edges : (s + 1,) array, optional
         The shells of ``shells`` in the result (default: 96 up to Nyquist).
 
@@ -183,7 +185,7 @@ def decompose_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estim
 #: The scalars of a :class:`NoiseMeasurement`, in the order of its vector.
 _MEASURED_SCALARS = ("n_fit", "counting", "mean", "pixel_size_A", "dose_e_per_A2", "has_gain", "smooth_gain",
                      "artifacts_var", "defect_var", "low_power", "low_pixels", "ice_unit_variance",
-                     "ice_damping",
+                     "ice_damping", "gain_white", "divided",
                      "lost_artifacts", "lost_detector", "n_shells")
 
 
@@ -210,6 +212,7 @@ class NoiseMeasurement:
     signal: np.ndarray
     fit_noise: np.ndarray
     gain_power: np.ndarray
+    gain_error: np.ndarray
     has_gain: bool
     smooth_gain: float
     artifacts_var: float
@@ -218,6 +221,8 @@ class NoiseMeasurement:
     low_pixels: float
     ice_unit_variance: float
     ice_damping: float
+    gain_white: float
+    divided: bool
     lost_artifacts: float
     lost_detector: float
     shells: np.ndarray
@@ -227,7 +232,8 @@ class NoiseMeasurement:
         n_fit, n_shells = self.k.size, self.shells.shape[1]
         scalars = {"n_fit": n_fit, "n_shells": n_shells}
         head = [float(scalars.get(name, getattr(self, name, np.nan))) for name in _MEASURED_SCALARS]
-        body = np.concatenate([head, self.k, self.signal, self.fit_noise, self.gain_power, self.shells.ravel()])
+        body = np.concatenate([head, self.k, self.signal, self.fit_noise, self.gain_power, self.gain_error,
+                               self.shells.ravel()])
         if body.size > length:
             raise ValueError(f"noise measurement of {body.size} values does not fit {length}")
         return np.concatenate([body, np.full(length - body.size, np.nan)])
@@ -239,17 +245,18 @@ class NoiseMeasurement:
         n_fit, n_shells = int(head.pop("n_fit")), int(head.pop("n_shells"))
         at = len(_MEASURED_SCALARS)
         arrays = []
-        for _ in range(4):
+        for _ in range(5):
             arrays.append(v[at:at + n_fit])
             at += n_fit
         shells = v[at:at + 2 * n_shells].reshape(2, n_shells)
-        return cls(**{**head, "counting": bool(head["counting"]), "has_gain": bool(head["has_gain"])},
-                   k=arrays[0], signal=arrays[1], fit_noise=arrays[2], gain_power=arrays[3], shells=shells)
+        flags = {name: bool(head[name]) for name in ("counting", "has_gain", "divided")}
+        return cls(**{**head, **flags}, k=arrays[0], signal=arrays[1], fit_noise=arrays[2], gain_power=arrays[3],
+                   gain_error=arrays[4], shells=shells)
 
 
 def measurement_length(shape, n_shells: int) -> int:
     """The length of :meth:`NoiseMeasurement.to_vector` for images of ``shape`` (or smaller)."""
-    return len(_MEASURED_SCALARS) + 4 * _fit_shells(shape) + 2 * n_shells
+    return len(_MEASURED_SCALARS) + 5 * _fit_shells(shape) + 2 * n_shells
 
 
 def _fit_shells(shape) -> int:
@@ -278,17 +285,27 @@ def measure_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimat
     kk = np.sqrt(ky**2 + kx**2) + 0 * kx
     weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
     low = (kk > 0) & (kk < 1.0 / 200.0)
-    smooth_gain, gain_power = 0.0, np.zeros_like(k)
+    smooth_gain, gain_power, gain_error, gain_white = 0.0, np.zeros_like(k), np.zeros_like(k), 0.0
+    divided = False
     if gain_estimate is not None:
         smoothed = smooth_gain_pattern(gain_estimate)
         smooth_gain = smoothed.variance * mean**2
         gain_power = smoothed.shell_power(k, pixel_size_A)
+        if smoothed.rings is not None:
+            # The restoration divides by the estimate: what it leaves, per unit mean count.
+            centres, pattern, error = smoothed.rings
+            cycles = k * pixel_size_A
+            gain_error = np.interp(cycles, centres, error)
+            high = (centres > 0.55 * 0.5) & (centres < 0.95 * 0.5)
+            gain_white = float(np.mean(pattern[high]))
+            divided = True
     damping = fit_ice_damping(k, signal)
     unit = np.interp(kk, k, _ice_shape(k, damping)) * ctf2
     return NoiseMeasurement(
         counting=bool(found.counting), mean=mean, pixel_size_A=float(pixel_size_A),
         dose_e_per_A2=float("nan") if dose_e_per_A2 is None else float(dose_e_per_A2),
-        k=k, signal=signal, fit_noise=noise, gain_power=gain_power, has_gain=gain_estimate is not None,
+        k=k, signal=signal, fit_noise=noise, gain_power=gain_power, gain_error=gain_error, gain_white=gain_white,
+        divided=divided, has_gain=gain_estimate is not None,
         smooth_gain=float(smooth_gain), artifacts_var=_excess(x, found.reference, impulse),
         defect_var=_excess(x, found.reference, found.mask == DEFECT),
         low_power=float((weight * power)[low].sum()), low_pixels=float(weight[low].sum()) / clean.size,
@@ -335,6 +352,12 @@ def explain_noise(measured: NoiseMeasurement, params: CTFParams, *, fixed: dict 
         gain_power = m.gain_power * mean**2
         spectra["detector"] = spectra["detector"] + gain_power
         signal = np.clip(signal - gain_power / np.maximum(_mean_ctf2(k, params), 0.05), 0.0, None)
+    # The noise restoration faces: where the micrographs are divided by the dataset's gain
+    # estimate, the detector leaves the read noise (the white excess less the pattern's
+    # white part) and the estimate's error, not the pattern.
+    restored = dict(spectra)
+    if m.divided:
+        restored["detector"] = max(white - shot - m.gain_white * mean**2, 0.0) + m.gain_error * mean**2
     # Restoration works on the cleaned image: impulses and defects cost the information of
     # the pixels they cover, not their energy.
     lost = {"artifacts": m.lost_artifacts, "detector": m.lost_detector}
@@ -345,21 +368,23 @@ def explain_noise(measured: NoiseMeasurement, params: CTFParams, *, fixed: dict 
     truth = None
     envelope = (float("nan"), float("nan"))
     if particle_power is not None:
-        shell_k, spectrum = (np.asarray(v, np.float64) for v in particle_power)
+        shell_k, spectrum, *error = (np.asarray(v, np.float64) for v in particle_power)
         good = np.isfinite(spectrum)
         if good.sum() >= 2:
             scale = mean if counting else 1.0
-            truth = np.interp(k, shell_k[good], spectrum[good]) * scale**2
             # The ice passes the same envelope; the particles alone, a difference of two
             # uncertain powers where the ice is strong, measure it less well (against the
             # simulator's B on test_causal's 16 micrographs: Spearman 0.46, whole signal 0.58).
-            envelope = fit_envelope(k, signal, truth)
-    gains = _counterfactual_gains(k, signal, {**spectra, "artifacts": np.zeros_like(k)}, params,
+            envelope = fit_envelope(k, signal, np.interp(k, shell_k[good], spectrum[good]) * scale**2)
+            if error:
+                spectrum = measured_spectrum(spectrum, error[0])
+            truth = np.interp(k, shell_k[good], spectrum[good]) * scale**2
+    gains = _counterfactual_gains(k, signal, {**restored, "artifacts": np.zeros_like(k)}, params,
                                   attenuation=attenuation, truth=truth)
     # A covered pixel carries no signal: quality scales with the square root of what is kept.
     kept = max(1.0 - lost["artifacts"] - lost["detector"], 1e-6)
     model = _quality_model(k, signal, params, truth)
-    noise = sum(spectra.values()) - spectra["artifacts"]
+    noise = sum(restored.values()) - restored["artifacts"]
     quality = model(noise)
     gains["artifacts"] = quality * (np.sqrt((kept + lost["artifacts"]) / kept) - 1.0)
     gains["detector"] += quality * (np.sqrt((kept + lost["detector"]) / kept) - 1.0)
@@ -375,7 +400,23 @@ def explain_noise(measured: NoiseMeasurement, params: CTFParams, *, fixed: dict 
 class _Smoothed(np.ndarray):
     """A gain estimate already smoothed by :func:`smooth_gain_pattern` (marks it as such),
     which keeps what every micrograph of the dataset asks of it: its variance and its
-    pattern's power on the shells (per unit mean count, computed once)."""
+    pattern's power on the shells (per unit mean count, computed once); and, when the
+    micrographs are divided by the estimate, its rings (``rings``: ring centres in cycles
+    per pixel, the pattern's power and the estimate's error power per Fourier pixel of a
+    unit-mean image; :class:`cryodask.defects.DatasetDefects`)."""
+
+    rings = None
+
+    def __array_finalize__(self, obj):
+        self.rings = getattr(obj, "rings", None)
+
+    def __reduce__(self):  # the rings travel to worker processes with the pixels
+        constructor, args, state = super().__reduce__()
+        return constructor, args, (state, self.rings)
+
+    def __setstate__(self, state):
+        pixels, self.rings = state
+        super().__setstate__(pixels)
 
     @property
     def variance(self) -> float:
@@ -394,13 +435,31 @@ class _Smoothed(np.ndarray):
 def smooth_gain_pattern(gain_estimate):
     """The smooth part of a dataset's gain estimate (Gaussian, σ = 8 pixels), the part that is
     low-frequency detector noise. Pass the result as ``gain_estimate`` to
-    :func:`decompose_noise` to smooth it once for a whole dataset rather than per micrograph."""
+    :func:`decompose_noise` to smooth it once for a whole dataset rather than per micrograph.
+
+    ``gain_estimate`` may be the :class:`cryodask.defects.DatasetDefects` itself: where the
+    dataset is large enough for the micrographs to be divided by its gain
+    (:data:`cryodask.clean.MIN_GAIN_MICROGRAPHS`), the detector noise that restoration faces
+    is then what the estimate leaves: its error and the read noise, not the pattern."""
     from scipy import ndimage
+
+    from cryodask.defects import N_GAIN_RINGS, DatasetDefects
 
     if isinstance(gain_estimate, _Smoothed):
         return gain_estimate
-    smoothed = ndimage.gaussian_filter(np.asarray(gain_estimate, dtype=np.float32), 8.0)
-    return smoothed.view(_Smoothed)
+    rings = None
+    if isinstance(gain_estimate, DatasetDefects):
+        from cryodask.clean import MIN_GAIN_MICROGRAPHS
+
+        if (gain_estimate.n_micrographs >= MIN_GAIN_MICROGRAPHS
+                and np.asarray(gain_estimate.gain_error_power).size == N_GAIN_RINGS):
+            centres = (np.arange(N_GAIN_RINGS) + 0.5) / (2.0 * (N_GAIN_RINGS - 1))
+            rings = (centres, np.asarray(gain_estimate.gain_pattern_power, np.float64),
+                     np.asarray(gain_estimate.gain_error_power, np.float64))
+        gain_estimate = gain_estimate.gain
+    smoothed = ndimage.gaussian_filter(np.asarray(gain_estimate, dtype=np.float32), 8.0).view(_Smoothed)
+    smoothed.rings = rings
+    return smoothed
 
 
 def _shell_power(pattern, k, pixel_size_A):
@@ -681,7 +740,7 @@ def spectrum_shells(image, params: CTFParams | None, *, pixel_size_A: float, she
 
 
 
-def particle_spectrum(power, ctf2, scale, ice=None):
+def particle_spectrum(power, ctf2, scale, ice=None, *, with_error: bool = False):
     """The specimen's power spectrum shared by a dataset's micrographs (a reduction).
 
     Every micrograph of a dataset images the same specimen: in each shell its periodogram
@@ -709,7 +768,8 @@ def particle_spectrum(power, ctf2, scale, ice=None):
     -------
     (s,) array
         ``T`` per shell, >= 0, in (image units / scale)² per Fourier pixel; NaN where fewer
-        than 3 micrographs measure the shell.
+        than 3 micrographs measure the shell. With ``with_error``, also its standard error
+        per shell (see :func:`measured_spectrum`).
     """
     power = np.asarray(power, np.float64)
     ctf2 = np.asarray(ctf2, np.float64)
@@ -717,6 +777,7 @@ def particle_spectrum(power, ctf2, scale, ice=None):
     if ice is not None:
         power = power - np.nan_to_num(np.asarray(ice, np.float64)) * ctf2
     out = np.full(power.shape[1], np.nan)
+    errors = np.full(power.shape[1], np.nan)
     for j in range(power.shape[1]):
         ok = np.isfinite(power[:, j]) & np.isfinite(ctf2[:, j]) & (scale > 0)
         if ok.sum() < 3 or np.ptp(ctf2[ok, j]) <= 0:
@@ -726,8 +787,24 @@ def particle_spectrum(power, ctf2, scale, ice=None):
         if np.ptp(scale[ok]) == 0:
             design = design[:, :2]
         coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        dof = ok.sum() - design.shape[1]
+        if dof >= 1:
+            spread = float(np.sum((y - design @ coef) ** 2)) / dof
+            errors[j] = np.sqrt(max(spread * float(np.linalg.pinv(design.T @ design)[1, 1]), 0.0))
         out[j] = max(float(coef[1]), 0.0)
-    return out
+    return (out, errors) if with_error else out
+
+
+def measured_spectrum(spectrum, error):
+    """The particle spectrum where it is measured: 0 where under twice its standard error
+    (NaN error: kept). Where the envelope has taken the particles' power, the regression of
+    :func:`particle_spectrum` returns its noise, at times orders of magnitude above the
+    power there (seen beyond 1/8 Å^-1 on 768² micrographs); counted as the particles'
+    power, it made most of the power to restore out of reach (predicted qualities 0.2
+    under those measured)."""
+    spectrum = np.asarray(spectrum, np.float64)
+    error = np.asarray(error, np.float64)
+    return np.where(np.isfinite(error) & ~(spectrum > 2.0 * error), 0.0, spectrum)
 
 
 def dataset_quality(power, ctf2, scale, spectrum, k, *, k_max=None, k_min: float = 1.0 / 200.0):

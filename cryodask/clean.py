@@ -14,13 +14,16 @@ Everything is lazy until the caller computes or writes it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import dask.array as da
 import numpy as np
 import xarray as xr
 
 from cryodask import progress
 from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY, correct_pixels, find_impulses
-from cryodask.defects import N_STATISTICS, DatasetDefects, estimate_defects, micrograph_statistics
+from cryodask.defects import (N_GAIN_RINGS, N_STATISTICS, DatasetDefects, estimate_defects, micrograph_statistics,
+                              ring_power)
 from cryodask.ctf import CTFSearch
 from cryodask.pipeline import check_image_chunks, estimate_ctf_dataset, regions_dataset
 from cryodask.regions import CONTAMINATION, VACUUM
@@ -47,6 +50,8 @@ def _stats_block(block, gain, defects):
     out = np.zeros((1, N_STATISTICS + 1, *image.shape), dtype=np.float32)
     out[0, :N_STATISTICS] = stats
     out[0, N_STATISTICS, 0, :2] = extra  # median counts and Fano factor ride along
+    if image.shape[0] > 1 and image.shape[1] >= N_GAIN_RINGS:  # and the power per ring
+        out[0, N_STATISTICS, 1, :N_GAIN_RINGS] = ring_power(image, found.mask)
     return out
 
 
@@ -86,13 +91,15 @@ def measure_defects(ds: xr.Dataset, *, gain_reference=None, defects=None) -> Dat
     sums = total[:N_STATISTICS]
     mean_counts = float(total[N_STATISTICS, 0, 0]) / n
     fano = float(total[N_STATISTICS, 0, 1]) / n
+    rings = None
+    if total.shape[1] > 1 and total.shape[2] >= N_GAIN_RINGS:
+        rings = total[N_STATISTICS, 1, :N_GAIN_RINGS].astype(np.float64)
     found = estimate_defects(sums, n, mean_counts=mean_counts if fano > 0 else None,
-                             fano=fano if fano > 0 else 1.0, min_micrographs=MIN_DATASET_MICROGRAPHS)
+                             fano=fano if fano > 0 else 1.0, min_micrographs=MIN_DATASET_MICROGRAPHS,
+                             ring_power=rings)
     if defects is not None:
         combined = found.defects | np.asarray(defects, bool)
-        found = DatasetDefects(defects=combined, gain=found.gain, raw_gain=found.raw_gain,
-                               n_micrographs=found.n_micrographs, dead_rows=found.dead_rows,
-                               dead_columns=found.dead_columns)
+        found = dataclasses.replace(found, defects=combined)
     return found
 
 

@@ -582,7 +582,7 @@ def cmd_noise(args) -> None:
         (ctf,) = progress.compute(estimate_ctf_cleaned(ds, gain_reference=gain, defects=known,
                                                        measured=found))
         use_prior = not args.no_prior and ds.sizes["micrograph"] >= MIN_DATASET_MICROGRAPHS
-        lazy = pipeline.noise_dataset(work, ctf, gain_estimate=None if found is None else found.gain,
+        lazy = pipeline.noise_dataset(work, ctf, gain_estimate=found,
                                       defects=known if found is None else found.defects, prior=use_prior,
                                       uncertainty=args.uncertainty)
         (noise,) = progress.compute(lazy)

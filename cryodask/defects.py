@@ -7,9 +7,13 @@ impulse; summed over the dataset (reduce) these give:
 * the **defect map**: pixels that read nothing in most micrographs (dead), that are
   impulses in most micrographs (stuck/hot), or whose mean is far outside what counting
   noise allows; a row or column with most of its pixels defective is defective whole;
-* the **gain estimate**: the mean normalised image, Wiener-filtered against the counting
-  noise of that mean (its noise power is known from the doses), so that the estimate is
-  not noisier than the pattern it corrects.
+* the **gain estimate**: the mean normalised image, Wiener-filtered against the noise of
+  that mean, so that the estimate is not noisier than the pattern it corrects. The noise
+  is what varies from micrograph to micrograph -- counting noise, and at low frequencies
+  mostly the specimen and the ice's thickness -- measured per ring of the spectrum from
+  each micrograph's own power (:func:`ring_power`, summed) against the mean's; with only
+  the counting noise (known from the doses) the filter kept the specimens' low-frequency
+  residue as pattern, and dividing by it imprinted that residue on every micrograph.
 
 Also readers for a user's gain reference (MRC/TIFF, with MotionCor2's rotation and flip
 options) and defect file (MotionCor2's ``x y width height`` rectangles).
@@ -18,7 +22,7 @@ options) and defect file (MotionCor2's ``x y width height`` rectangles).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft
@@ -31,12 +35,43 @@ __all__ = [
     "DatasetDefects",
     "estimate_defects",
     "micrograph_statistics",
+    "ring_power",
     "read_defect_file",
     "read_gain_reference",
 ]
 
 #: Layers of :func:`micrograph_statistics`: normalised value, valid, low, impulse.
 N_STATISTICS = 4
+#: Rings of the gain estimate's Wiener filter, 0 to Nyquist (the last holds the corners).
+N_GAIN_RINGS = 65
+
+
+def _rings(shape):
+    ky = np.fft.fftfreq(shape[0])[:, None]
+    kx = np.fft.rfftfreq(shape[1])[None, :]
+    return np.minimum((np.hypot(ky, kx) / 0.5 * (N_GAIN_RINGS - 1)).astype(int), N_GAIN_RINGS - 1)
+
+
+def ring_power(image, mask):
+    """A micrograph's normalised image (value over mean, impulses at the mean) as power per
+    Fourier pixel in the gain filter's rings, to be summed over a dataset
+    (:func:`estimate_defects`' ``ring_power``).
+
+    Returns
+    -------
+    (N_GAIN_RINGS,) float64 array
+    """
+    x = np.asarray(image, np.float32)
+    valid = ~((mask == HOT_PIXEL) | (mask == XRAY))
+    mean = float(x[valid].mean()) if valid.any() else 0.0
+    if not mean > 0:
+        return np.zeros(N_GAIN_RINGS)
+    norm = np.where(valid, x / np.float32(mean), np.float32(1.0)) - np.float32(1.0)
+    f = scipy.fft.rfft2(norm)
+    power = (f.real.astype(np.float64) ** 2 + f.imag.astype(np.float64) ** 2) / norm.size
+    bins = _rings(norm.shape).ravel()
+    counts = np.bincount(bins, minlength=N_GAIN_RINGS)
+    return np.bincount(bins, power.ravel(), N_GAIN_RINGS) / np.maximum(counts, 1)
 
 
 def micrograph_statistics(image, mask):
@@ -77,10 +112,16 @@ class DatasetDefects:
     n_micrographs: int
     dead_rows: tuple
     dead_columns: tuple
+    #: Per ring of :data:`N_GAIN_RINGS` (ring ``j`` centred on ``(j + 0.5) / 128`` cycles per
+    #: pixel), per Fourier pixel of a unit-mean image: the pattern's power the filter found,
+    #: and the power of the estimate's error (``S·N / (S + N)``), which dividing by it
+    #: leaves in every micrograph. Empty when not measured.
+    gain_pattern_power: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    gain_error_power: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def estimate_defects(sums, n_micrographs: int, *, mean_counts: float | None = None,
-                     fano: float = 1.0, min_micrographs: int = 4) -> DatasetDefects:
+                     fano: float = 1.0, min_micrographs: int = 4, ring_power=None) -> DatasetDefects:
     """Defect map and gain estimate from summed :func:`micrograph_statistics`.
 
     Parameters
@@ -93,6 +134,9 @@ def estimate_defects(sums, n_micrographs: int, *, mean_counts: float | None = No
         Mean counts per pixel per micrograph; with ``fano`` it gives the noise of the mean
         normalised image (``fano / (n * mean_counts)`` per pixel). Without it the noise is
         measured from the pattern's high-frequency power.
+    ring_power : (N_GAIN_RINGS,) array, optional
+        :func:`ring_power` summed over the same micrographs: the noise of their mean is then
+        measured per ring, as what varies between them (at least the counting noise).
 
     Returns
     -------
@@ -120,9 +164,19 @@ def estimate_defects(sums, n_micrographs: int, *, mean_counts: float | None = No
     defects[list(rows), :] = True
     defects[:, list(cols)] = True
     filled = np.where(defects, centre, raw) / centre
-    gain = _wiener(filled - 1.0, noise_var / centre**2) + 1.0
-    return DatasetDefects(defects=defects, gain=gain.astype(np.float32), raw_gain=raw.astype(np.float32),
-                          n_micrographs=int(n_micrographs), dead_rows=rows, dead_columns=cols)
+    pattern = filled - 1.0
+    noise = np.full(N_GAIN_RINGS, noise_var / centre**2)
+    if ring_power is not None and n_micrographs > 1:
+        # Per pixel frequency, E|F_i|² = |G|² + σ² and E|F_mean|² = |G|² + σ²/n: the noise of
+        # the mean is (mean_i |F_i|² - |F_mean|²) / (n - 1), averaged in each ring.
+        # (With the defects as read, as each micrograph's power has them.)
+        _, mean_power = _ring_average(raw / centre - 1.0)
+        spread = (np.asarray(ring_power, np.float64) / n - mean_power) / (n - 1.0)
+        noise = np.maximum(noise, spread)
+    filtered, signal = _wiener(pattern, noise)
+    return DatasetDefects(defects=defects, gain=(filtered + 1.0).astype(np.float32), raw_gain=raw.astype(np.float32),
+                          n_micrographs=int(n_micrographs), dead_rows=rows, dead_columns=cols,
+                          gain_pattern_power=signal, gain_error_power=signal * noise / np.maximum(signal + noise, 1e-30))
 
 
 def _white_noise_power(pattern):
@@ -134,23 +188,27 @@ def _white_noise_power(pattern):
     return float(np.median(power[np.hypot(ky, kx) > 0.4]))
 
 
+def _ring_average(pattern):
+    f = scipy.fft.rfft2(pattern)
+    power = (f.real**2 + f.imag**2) / pattern.size
+    bins = _rings(pattern.shape)
+    counts = np.bincount(bins.ravel(), minlength=N_GAIN_RINGS)
+    return f, np.bincount(bins.ravel(), weights=power.ravel(), minlength=N_GAIN_RINGS) / np.maximum(counts, 1)
+
+
 def _wiener(pattern, noise_var):
-    """Wiener-filter a pattern against white noise of known per-pixel variance.
+    """Wiener-filter a pattern against noise of known power per Fourier pixel (a number:
+    white; or one per ring of :data:`N_GAIN_RINGS`).
 
     The pattern's power spectrum, averaged in rings, minus the noise power gives the
-    signal power; each Fourier coefficient is scaled by ``S / (S + N)``.
+    signal power; each Fourier coefficient is scaled by ``S / (S + N)``. Returns the
+    filtered pattern and ``S`` per ring.
     """
-    f = scipy.fft.rfft2(pattern)
-    power = (np.abs(f) ** 2) / pattern.size
-    ky = np.fft.fftfreq(pattern.shape[0])[:, None]
-    kx = np.fft.rfftfreq(pattern.shape[1])[None, :]
-    k = np.hypot(ky, kx)
-    bins = np.minimum((k / 0.5 * 64).astype(int), 64)
-    counts = np.bincount(bins.ravel(), minlength=65)
-    ring = np.bincount(bins.ravel(), weights=power.ravel(), minlength=65) / np.maximum(counts, 1)
-    signal = np.maximum(ring - noise_var, 0.0)
-    gain = signal / (signal + noise_var)
-    return scipy.fft.irfft2(f * gain[bins], s=pattern.shape)
+    f, ring = _ring_average(pattern)
+    noise = np.broadcast_to(np.asarray(noise_var, np.float64), ring.shape)
+    signal = np.maximum(ring - noise, 0.0)
+    gain = signal / np.maximum(signal + noise, 1e-30)
+    return scipy.fft.irfft2(f * gain[_rings(pattern.shape)], s=pattern.shape), signal
 
 
 def read_gain_reference(path, *, rotate: int = 0, flip: int = 0, shape=None) -> np.ndarray:

@@ -138,7 +138,7 @@ def test_noise_dataset_with_priors(tmp_path):
 
 
 def test_particle_spectrum_is_recovered_across_defoci():
-    from cryodask.causal import dataset_quality, particle_spectrum
+    from cryodask.causal import dataset_quality, measured_spectrum, particle_spectrum
 
     rng = np.random.default_rng(2)
     n, shells = 20, 40
@@ -157,6 +157,14 @@ def test_particle_spectrum_is_recovered_across_defoci():
     assert np.all((q >= 0) & (q <= 1))
     # Fewer than 3 micrographs measure nothing.
     assert np.isnan(particle_spectrum(power[:2], ctf2[:2], scale[:2])).all()
+    # Where the scatter of the shells hides the particles' power, it is not measured: 0,
+    # not the regression's noise (which was at times orders of magnitude above the truth).
+    faint = truth * 1e-3
+    noisy = scale[:, None] ** 2 * (background + faint * ctf2) * rng.normal(1.0, 0.1, power.shape)
+    hidden = measured_spectrum(*particle_spectrum(noisy, ctf2, scale, with_error=True))
+    weak = faint < 0.01  # a few times under the slope's standard error here
+    assert weak.sum() >= 20 and (hidden[weak] == 0).mean() >= 0.8
+    np.testing.assert_allclose(hidden[:3], faint[:3], rtol=0.3)
 
 
 def test_dataset_particle_spectrum_changes_the_gains():
