@@ -60,8 +60,8 @@ def main(argv=None) -> int:
         seed = 500 + i
         sim = simulate_micrograph(params, detector=state, seed=seed)
         impulses = find_impulses(sim.image)
-        sums = sums + micrograph_statistics(sim.image, impulses.mask)
-        rings = rings + ring_power(sim.image, impulses.mask)
+        statistics = micrograph_statistics(sim.image, impulses.mask)
+        sums, rings = sums + statistics, rings + ring_power(statistics)
         medians.append(float(np.median(sim.image)))
         fanos.append(impulses.fano)
         drawn.append((params, seed, sim))

@@ -51,7 +51,7 @@ def _stats_block(block, gain, defects):
     out[0, :N_STATISTICS] = stats
     out[0, N_STATISTICS, 0, :2] = extra  # median counts and Fano factor ride along
     if image.shape[0] > 1 and image.shape[1] >= N_GAIN_RINGS:  # and the power per ring
-        out[0, N_STATISTICS, 1, :N_GAIN_RINGS] = ring_power(image, found.mask)
+        out[0, N_STATISTICS, 1, :N_GAIN_RINGS] = ring_power(stats)
     return out
 
 

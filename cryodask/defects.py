@@ -21,6 +21,7 @@ options) and defect file (MotionCor2's ``x y width height`` rectangles).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -46,32 +47,33 @@ N_STATISTICS = 4
 N_GAIN_RINGS = 65
 
 
-def _rings(shape):
+@functools.lru_cache(maxsize=4)
+def _ring_index(shape):
+    """Each ``rfft2`` pixel's ring (uint8, flat) and the rings' pixel counts, per shape."""
     ky = np.fft.fftfreq(shape[0])[:, None]
     kx = np.fft.rfftfreq(shape[1])[None, :]
-    return np.minimum((np.hypot(ky, kx) / 0.5 * (N_GAIN_RINGS - 1)).astype(int), N_GAIN_RINGS - 1)
+    bins = np.minimum((np.hypot(ky, kx) / 0.5 * (N_GAIN_RINGS - 1)).astype(np.uint8), N_GAIN_RINGS - 1).ravel()
+    return bins, np.bincount(bins, minlength=N_GAIN_RINGS)
 
 
-def ring_power(image, mask):
-    """A micrograph's normalised image (value over mean, impulses at the mean) as power per
-    Fourier pixel in the gain filter's rings, to be summed over a dataset
-    (:func:`estimate_defects`' ``ring_power``).
+def _ring_mean(power, shape):
+    bins, counts = _ring_index(tuple(shape))
+    return np.bincount(bins, np.asarray(power).ravel(), N_GAIN_RINGS) / np.maximum(counts, 1)
+
+
+def ring_power(statistics):
+    """A micrograph's normalised image (value over mean less 1, impulses 0) as power per
+    Fourier pixel in the gain filter's rings, from its :func:`micrograph_statistics`; to be
+    summed over a dataset (:func:`estimate_defects`' ``ring_power``).
 
     Returns
     -------
     (N_GAIN_RINGS,) float64 array
     """
-    x = np.asarray(image, np.float32)
-    valid = ~((mask == HOT_PIXEL) | (mask == XRAY))
-    mean = float(x[valid].mean()) if valid.any() else 0.0
-    if not mean > 0:
-        return np.zeros(N_GAIN_RINGS)
-    norm = np.where(valid, x / np.float32(mean), np.float32(1.0)) - np.float32(1.0)
-    f = scipy.fft.rfft2(norm)
-    power = (f.real.astype(np.float64) ** 2 + f.imag.astype(np.float64) ** 2) / norm.size
-    bins = _rings(norm.shape).ravel()
-    counts = np.bincount(bins, minlength=N_GAIN_RINGS)
-    return np.bincount(bins, power.ravel(), N_GAIN_RINGS) / np.maximum(counts, 1)
+    statistics = np.asarray(statistics)
+    x = statistics[0] - statistics[1]
+    f = scipy.fft.rfft2(x)
+    return _ring_mean(f.real**2 + f.imag**2, x.shape) / x.size
 
 
 def micrograph_statistics(image, mask):
@@ -190,10 +192,7 @@ def _white_noise_power(pattern):
 
 def _ring_average(pattern):
     f = scipy.fft.rfft2(pattern)
-    power = (f.real**2 + f.imag**2) / pattern.size
-    bins = _rings(pattern.shape)
-    counts = np.bincount(bins.ravel(), minlength=N_GAIN_RINGS)
-    return f, np.bincount(bins.ravel(), weights=power.ravel(), minlength=N_GAIN_RINGS) / np.maximum(counts, 1)
+    return f, _ring_mean((f.real**2 + f.imag**2) / pattern.size, pattern.shape)
 
 
 def _wiener(pattern, noise_var):
@@ -208,7 +207,8 @@ def _wiener(pattern, noise_var):
     noise = np.broadcast_to(np.asarray(noise_var, np.float64), ring.shape)
     signal = np.maximum(ring - noise, 0.0)
     gain = signal / np.maximum(signal + noise, 1e-30)
-    return scipy.fft.irfft2(f * gain[_rings(pattern.shape)], s=pattern.shape), signal
+    bins, _ = _ring_index(pattern.shape)
+    return scipy.fft.irfft2(f * gain[bins].reshape(f.shape), s=pattern.shape), signal
 
 
 def read_gain_reference(path, *, rotate: int = 0, flip: int = 0, shape=None) -> np.ndarray:

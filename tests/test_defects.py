@@ -58,8 +58,8 @@ def test_gain_estimate_against_what_varies_between_micrographs_leaves_less_error
     for i, p in enumerate(params):
         sim = simulate_micrograph(p, detector=state, seed=100 + i)
         found = A.find_impulses(sim.image)
-        sums = sums + micrograph_statistics(sim.image, found.mask)
-        rings = rings + ring_power(sim.image, found.mask)
+        statistics = micrograph_statistics(sim.image, found.mask)
+        sums, rings = sums + statistics, rings + ring_power(statistics)
         medians.append(float(np.median(sim.image)))
         fanos.append(found.fano)
     counting = estimate_defects(sums, 12, mean_counts=float(np.mean(medians)), fano=float(np.mean(fanos)))
