@@ -25,7 +25,9 @@ Counterfactual gains predict what restoration (which works on the cleaned image)
 gain in quality -- the correlation a Wiener restoration is expected to reach with the
 CTF-free truth -- with a cause at its ideal: twice the dose, no ice (its noise, and the
 electrons it stopped), a perfect detector, no artifacts. Impulses and defects cost the
-signal of the pixels they cover.
+signal of the pixels they cover. The gains weigh the noise the restoration faces: where
+the micrographs are divided by the dataset's gain estimate, the detector's part is the
+read noise and the estimate's error, not the gain pattern the division removes.
 """
 
 from __future__ import annotations
