@@ -176,9 +176,10 @@ def estimate_defects(sums, n_micrographs: int, *, mean_counts: float | None = No
         spread = (np.asarray(ring_power, np.float64) / n - mean_power) / (n - 1.0)
         noise = np.maximum(noise, spread)
     filtered, signal = _wiener(pattern, noise)
+    error = signal * noise / np.maximum(signal + noise, 1e-30)
     return DatasetDefects(defects=defects, gain=(filtered + 1.0).astype(np.float32), raw_gain=raw.astype(np.float32),
                           n_micrographs=int(n_micrographs), dead_rows=rows, dead_columns=cols,
-                          gain_pattern_power=signal, gain_error_power=signal * noise / np.maximum(signal + noise, 1e-30))
+                          gain_pattern_power=signal, gain_error_power=error)
 
 
 def _white_noise_power(pattern):

@@ -550,7 +550,8 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
                 fixed.append(fit.values)
             else:
                 fixed.append(unfixed)
-        rows = _explain_rows(measured, ctf_rows, resolution, *fixed, length, particle_power=(centres, spectrum, spectrum_error),
+        rows = _explain_rows(measured, ctf_rows, resolution, *fixed, length,
+                             particle_power=(centres, spectrum, spectrum_error),
                              uncertainty=uncertainty)
         coords = {"micrograph": ds["micrograph"]} if "micrograph" in ds.coords else {}
         result = xr.DataArray(rows, dims=("micrograph", "noise_field"), coords=coords)
