@@ -4,8 +4,8 @@
 
 Each micrograph (dose 20-60 e/Å², ice 150-1400 Å, a detector with a 3 % gain pattern,
 dead lines, stuck pixels and 1 count of read noise, 0-400 hot pixels and 0-30 X-rays) is
-decomposed by ``decompose_noise``; its shares are compared with the simulator's recorded
-noise variances. The truth's top cause is found by re-simulating the same micrograph
+measured once (``measure_noise``) and explained (``explain_noise``); its shares are
+compared with the simulator's recorded noise variances. The truth's top cause is found by re-simulating the same micrograph
 (same seed) with each cause at its ideal -- no ice noise (thickness 0), a perfect detector
 (no gain pattern, defects, read noise; MTF kept), no impulses -- restoring every version
 the same way as the pipeline (divided by the dataset's gain estimate, cleaned with its
@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.common import correlation, restore_as_pipeline, write_json
 from cryodask.artifacts import clean_micrograph, find_impulses
-from cryodask.causal import (NOISE_CAUSES, decompose_noise, ice_on_shells, measure_noise, particle_spectrum,
+from cryodask.causal import (NOISE_CAUSES, explain_noise, ice_on_shells, measure_noise, particle_spectrum,
                              spectrum_shells)
 from cryodask.defects import estimate_defects, micrograph_statistics, ring_power
 from cryodask.simulate import Detector, MicrographParams, detector_state, simulate_micrograph
@@ -69,26 +69,22 @@ def main(argv=None) -> int:
                                ring_power=rings)
     # The sample node across the dataset: the particles' spectrum from every micrograph's shells.
     # Each micrograph's measured amorphous ice is taken out of it, as the pipeline does.
-    shells, scales, ice = [], [], []
+    shells, scales, measurements = [], [], []
     for params, seed, sim in drawn:
         cleaned, _ = clean_micrograph(sim.image / dataset.gain, defects=dataset.defects)
         shells.append(spectrum_shells(cleaned, params.ctf, pixel_size_A=1.0))
         scales.append(float(cleaned.mean()))
-        measured = measure_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=dataset.defects,
-                                 gain_estimate=dataset, dose_e_per_A2=params.dose_e_per_A2)
-        ice.append(measured)
+        measurements.append(measure_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=dataset.defects,
+                                          gain_estimate=dataset, dose_e_per_A2=params.dose_e_per_A2))
     shells = np.asarray(shells)
     edges = np.linspace(0.0, 0.5, shells.shape[2] + 1)
     centres = 0.5 * (edges[1:] + edges[:-1])
-    ice = np.asarray([ice_on_shells(measured, centres) for measured in ice])
+    ice = np.asarray([ice_on_shells(measured, centres) for measured in measurements])
     particle_power = (centres, *particle_spectrum(shells[:, 0], shells[:, 1], np.asarray(scales), ice=ice,
                                                   with_error=True))
-    for i, (params, seed, sim) in enumerate(drawn):
-        alone = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=dataset.defects,
-                                gain_estimate=dataset, dose_e_per_A2=params.dose_e_per_A2)
-        found = decompose_noise(sim.image, params.ctf, pixel_size_A=1.0, defects=dataset.defects,
-                                gain_estimate=dataset, dose_e_per_A2=params.dose_e_per_A2,
-                                particle_power=particle_power)
+    for i, ((params, seed, sim), measured) in enumerate(zip(drawn, measurements)):
+        alone = explain_noise(measured, params.ctf)
+        found = explain_noise(measured, params.ctf, particle_power=particle_power)
         truth = {c: sim.noise_variance[c] for c in NOISE_CAUSES}
         total = sum(truth.values())
         # The defect map is what the dataset pass finds (all of them, bench_artifacts shows).

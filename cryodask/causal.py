@@ -382,10 +382,10 @@ def explain_noise(measured: NoiseMeasurement, params: CTFParams, *, fixed: dict 
                 spectrum = measured_spectrum(spectrum, error[0])
             truth = np.interp(k, shell_k[good], spectrum[good]) * scale**2
     gains = _counterfactual_gains(k, signal, {**restored, "artifacts": np.zeros_like(k)}, params,
-                                  attenuation=attenuation, truth=truth)
+                                  attenuation=attenuation, truth=truth, ice=ice)
     # A covered pixel carries no signal: quality scales with the square root of what is kept.
     kept = max(1.0 - lost["artifacts"] - lost["detector"], 1e-6)
-    model = _quality_model(k, signal, params, truth)
+    model = _quality_model(k, signal, params, truth, ice)
     noise = sum(restored.values()) - restored["artifacts"]
     quality = model(noise)
     gains["artifacts"] = quality * (np.sqrt((kept + lost["artifacts"]) / kept) - 1.0)
@@ -550,9 +550,8 @@ def fit_ice_scale(k, signal, damping: float | None = None):
 
     Fits ``signal = a + b k + c * ring(k)`` over 0.2-0.36 Å^-1, where the structure factor
     of amorphous ice peaks (1/3.66 Å^-1) and the particles' power is smooth; ``ring`` is
-    the ice's shape damped by ``damping`` (by default :func:`fit_ice_damping`), 1 at the
-    ring's peak (where it equals the undamped shape), so ``c`` keeps one meaning whatever
-    the damping.
+    the ice's shape damped by ``damping`` (by default :func:`fit_ice_damping`; the damping is
+    1 at the ring's peak), so ``c`` keeps one meaning whatever the damping.
 
     Returns
     -------
@@ -584,6 +583,10 @@ def ice_signal(k, signal, scale: float | None = None, damping: float | None = No
         damping = fit_ice_damping(k, signal)
     if scale is None:
         scale, _ = fit_ice_scale(k, signal, damping)
+    return _ice_power(k, scale, damping)
+
+
+def _ice_power(k, scale, damping):
     if not np.isfinite(scale) or scale <= 0:
         return np.zeros_like(np.asarray(k, np.float64))
     return scale * _ice_shape(k, damping)
@@ -594,9 +597,7 @@ def ice_on_shells(measured: NoiseMeasurement, k, scale: float | None = None):
     :func:`particle_spectrum`: its ring's ``scale`` (by default fitted) and damping."""
     if scale is None:
         scale, _ = fit_ice_scale(measured.k, measured.signal, measured.ice_damping)
-    if not np.isfinite(scale) or scale <= 0:
-        return np.zeros_like(np.asarray(k, np.float64))
-    return scale * _ice_shape(k, measured.ice_damping)
+    return _ice_power(k, scale, measured.ice_damping)
 
 
 #: The band in which a micrograph's envelope is measured against the dataset's particles (Å).
@@ -642,7 +643,7 @@ def _mean_ctf2(k, params):
     return (ctf_2d(ky, kx, params, with_envelope=False) ** 2).mean(axis=0)
 
 
-def _quality_model(k, signal, params, truth=None):
+def _quality_model(k, signal, params, truth=None, ice=None):
     """``q(N)``: the correlation a Wiener restoration is expected to reach with the CTF-free
     truth, given the noise power ``N`` on the shells ``k``.
 
@@ -653,10 +654,11 @@ def _quality_model(k, signal, params, truth=None):
     particles' power there is taken as at the first maximum. The envelope is not undone:
     what the micrograph does not carry is not counted as truth to be recovered. ``truth``
     (on the shells ``k``, image units) replaces ``S``, e.g. the dataset's particle spectrum
-    (:func:`particle_spectrum`), which knows the lowest frequencies.
+    (:func:`particle_spectrum`), which knows the lowest frequencies. ``ice``: the ice's part
+    of ``signal`` (by default :func:`ice_signal`).
     """
     band = k > 1.0 / 200.0
-    particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
+    particles = np.clip(signal - (ice_signal(k, signal) if ice is None else ice), 0.0, None)
     lam = electron_wavelength_A(params.voltage_kV)
     mean_defocus = max(0.5 * (params.defocus_u_A + params.defocus_v_A), 1.0)
     first_maximum = np.sqrt(1.0 / (2.0 * lam * mean_defocus))
@@ -680,13 +682,13 @@ def _quality_model(k, signal, params, truth=None):
     return quality
 
 
-def _counterfactual_gains(k, signal, spectra, params, attenuation=1.0, truth=None):
+def _counterfactual_gains(k, signal, spectra, params, attenuation=1.0, truth=None, ice=None):
     """Predicted gain in restoration quality (:func:`_quality_model`) with each cause at its
     ideal: ``q`` without its noise minus ``q`` with it; twice the dose for ``dose``; for
     ``ice`` also the electrons its attenuation ``a`` stopped (relative to the signal, shot
     noise then scales by ``a``).
     """
-    quality = _quality_model(k, signal, params, truth)
+    quality = _quality_model(k, signal, params, truth, ice)
     total = sum(spectra.values())
     base = quality(total)
     ideal = {c: total - spectra[c] for c in NOISE_CAUSES}
