@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                                   ice_thickness_A=rng.uniform(150, 1400),
                                   n_hot_pixels=int(rng.integers(0, 401)), n_xrays=int(rng.integers(0, 31)))
         seed = 500 + i
-        sim = simulate_micrograph(params, detector=state, seed=seed)
+        sim = simulate_micrograph(params, detector=state, seed=seed, paired_counts=True)
         impulses = find_impulses(sim.image)
         statistics = micrograph_statistics(sim.image, impulses.mask)
         sums, rings = sums + statistics, rings + ring_power(statistics)
@@ -90,11 +90,12 @@ def main(argv=None) -> int:
         # The defect map is what the dataset pass finds (all of them, bench_artifacts shows).
         base = _restored_quality(sim.image / dataset.gain, sim.projection, dataset.defects)
         base_true_ctf = _restored_quality(sim.image / dataset.gain, sim.projection, dataset.defects, params.ctf)
+        paired = dict(seed=seed, paired_counts=True)  # common random numbers: see simulate_micrograph
         variants = {
-            "ice": simulate_micrograph(dataclasses.replace(params, ice_thickness_A=0.0), detector=state, seed=seed),
-            "detector": simulate_micrograph(params, detector=ideal_state, seed=seed),
+            "ice": simulate_micrograph(dataclasses.replace(params, ice_thickness_A=0.0), detector=state, **paired),
+            "detector": simulate_micrograph(params, detector=ideal_state, **paired),
             "artifacts": simulate_micrograph(dataclasses.replace(params, n_hot_pixels=0, n_xrays=0),
-                                             detector=state, seed=seed),
+                                             detector=state, **paired),
         }
         def quality(cause, variant, ctf=None):
             if cause == "detector":

@@ -169,3 +169,23 @@ def test_atomic_model_from_pdb(data_path, tmp_path):
     np.testing.assert_allclose(atoms[:, 0], [-0.5, 0.5], atol=1e-6)
     sim = simulate_micrograph(MicrographParams(shape=(64, 64), n_particles=1), atoms=atoms, seed=0)
     assert sim.projection.sum() > 0
+
+
+def test_paired_counts_are_poisson_and_share_the_realisation_across_a_change():
+    params = MicrographParams(shape=(256, 256), dose_e_per_A2=20, ice_thickness_A=900)
+    thin = MicrographParams(shape=(256, 256), dose_e_per_A2=20, ice_thickness_A=0.0)
+
+    def residual(sim):
+        return (sim.image - sim.expected) / np.sqrt(sim.expected)
+
+    paired = simulate_micrograph(params, seed=6, paired_counts=True)
+    z = residual(paired)
+    # Poisson whichever way it is drawn: standardised residual of mean 0 and variance 1.
+    assert abs(z.mean()) < 0.01 and z.var() == pytest.approx(1.0, abs=0.02)
+    assert z.var() == pytest.approx(residual(simulate_micrograph(params, seed=6)).var(), abs=0.02)
+    # Without its ice (the expected counts change everywhere) the paired draw keeps the noise;
+    # the rejection sampler draws another.
+    same = np.corrcoef(z.ravel(), residual(simulate_micrograph(thin, seed=6, paired_counts=True)).ravel())[0, 1]
+    other = np.corrcoef(residual(simulate_micrograph(params, seed=6)).ravel(),
+                        residual(simulate_micrograph(thin, seed=6)).ravel())[0, 1]
+    assert same > 0.9 and abs(other) < 0.05

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import special
 from scipy.spatial.transform import Rotation
 
 from cryodask import artifacts
@@ -130,7 +131,8 @@ def ice_power_spectrum(k, thickness_A: float, contrast_per_molecule_A2: float = 
 
 
 def simulate_micrograph(params: MicrographParams, *, detector: Detector | DetectorState | None = None,
-                        atoms: np.ndarray | None = None, seed: int = 0) -> SimulatedMicrograph:
+                        atoms: np.ndarray | None = None, seed: int = 0,
+                        paired_counts: bool = False) -> SimulatedMicrograph:
     """Simulate one micrograph and record the truth of every node.
 
     Parameters
@@ -144,6 +146,13 @@ def simulate_micrograph(params: MicrographParams, *, detector: Detector | Detect
         The particle's atoms in Å; default :func:`gaussian_phantom` of ``particle_radius_A``.
     seed : int
         Everything random (orientations, positions, noise, artifacts) is drawn from it.
+    paired_counts : bool
+        Draw each pixel's count as the Poisson quantile of one uniform number (inverse
+        transform) instead of by rejection. The counts are Poisson either way; paired, two
+        simulations of one seed whose expected counts differ (the same micrograph without
+        its ice, say) share the noise realisation wherever they can, so the difference of
+        their results is the change's effect and not a second draw of the noise (common
+        random numbers). About 1 µs per pixel.
 
     Returns
     -------
@@ -231,7 +240,10 @@ def simulate_micrograph(params: MicrographParams, *, detector: Detector | Detect
     ice_signal = detect(attenuation * ice_contrast)
     expected = np.clip(background + signal + ice_signal, 0.0, None)
 
-    counts = rng.poisson(expected).astype(np.float64)
+    if paired_counts:
+        counts = np.maximum(np.ceil(special.pdtrik(rng.random(shape), expected)), 0.0)
+    else:
+        counts = rng.poisson(expected).astype(np.float64)
     shot_var = float(expected.mean())
     image = counts * state.gain
     gain_var = float(((counts * (state.gain - 1.0)) ** 2).mean())
