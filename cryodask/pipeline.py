@@ -198,6 +198,7 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
         values = result.isel(ctf_field=i, drop=True)
         values = values.astype(bool) if name == "ctf_reliable" else values.astype(np.float32)
         out[name] = values.assign_attrs(units=units)
+    out["ctf_fit_resolution_A"].attrs["fit_band_low_A"] = float(search.min_resolution_A)
     out.attrs["ctf_search"] = repr(search)
     if prior is not None:
         out.attrs["ctf_prior"] = (f"{n_prior} of {n} micrographs searched within "
@@ -392,12 +393,24 @@ def _explain_rows(measured, ctf_rows, resolution, white, ice_scale, length, part
     return out
 
 
+def _information_resolution(ctf: xr.Dataset) -> xr.DataArray:
+    """The resolution up to which the expected information is counted: the CTF fit's.
+    Where no window of the fit band showed Thon rings (the fit resolution is NaN) but a
+    defocus was fitted, the band's low edge: the fit established nothing finer, and the
+    low frequencies below it carry most of a thin-ice, far-from-focus micrograph's
+    contrast (bench_score's micrographs with a NaN fit resolution restore at 0.74-0.87)."""
+    resolution = ctf["ctf_fit_resolution_A"]
+    low = float(resolution.attrs.get("fit_band_low_A", CTFSearch().min_resolution_A))
+    fitted = np.isfinite(ctf["defocus_u_A"]) & np.isfinite(ctf["defocus_v_A"])
+    return resolution.where(np.isfinite(resolution) | ~fitted, low)
+
+
 def _noise_fields(ds, ctf, gain, known, white, ice_scale, particle_power=None, uncertainty=False):
     image = ds["image"]
     check_image_chunks(image)
     chunks = image.chunks[0] if image.chunks is not None else None
     scalars = _noise_inputs(ds, ctf)
-    scalars.insert(8, ctf["ctf_fit_resolution_A"].astype(np.float64))
+    scalars.insert(8, _information_resolution(ctf).astype(np.float64))
     scalars += [xr.DataArray(np.asarray(values, np.float64), dims=("micrograph",)) for values in (white, ice_scale)]
     if chunks is not None:
         scalars = [var.chunk({"micrograph": chunks}) for var in scalars]
@@ -530,7 +543,7 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
                              f"(noise_measurements with uncertainty={uncertainty}), got {measured.shape}")
         inputs = [np.asarray(v) for v in _noise_inputs(ds, ctf)]
         ctf_rows = np.stack(inputs[:7], axis=1)
-        resolution = np.asarray(ctf["ctf_fit_resolution_A"], np.float64)
+        resolution = np.asarray(_information_resolution(ctf), np.float64)
         alone = _explain_rows(measured, ctf_rows, resolution, unfixed, unfixed, length)
         values = alone[:, first_param:first_param + 4]
         shells = alone[:, first_shell:first_shell + 2 * N_SHELLS].reshape(n_micrographs, 2, N_SHELLS)
@@ -600,7 +613,8 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     out["quality_predicted"] = result.isel(noise_field=first_param + 4, drop=True).astype(np.float32).assign_attrs(
         meaning="correlation with the CTF-free truth a Wiener restoration is expected to reach")
     out["quality_predicted_to_fit"] = result.isel(noise_field=first_param + 5, drop=True).astype(
-        np.float32).assign_attrs(meaning="the same, restoring only up to the CTF fit's resolution")
+        np.float32).assign_attrs(meaning="the same, restoring only up to the CTF fit's resolution (the fit "
+                                         "band's low edge where no rings showed beyond it)")
     return out.assign_coords(band=("band", np.array([f"{lo:g}-{hi:g} Å" if hi else f"{lo:g} Å-Nyquist"
                                                      for lo, hi in BANDS_A], dtype=object)))
 

@@ -298,3 +298,18 @@ def test_scoring_and_restoring_fit_each_micrograph_once(sim_dir, tmp_path, monke
         assert mrc.data.shape == (ds.sizes["y"], ds.sizes["x"]) and mrc.data.dtype == np.float32
         assert np.isfinite(mrc.data).all() and float(np.std(mrc.data)) > 0
     assert np.isfinite(np.asarray(scores["hyperscore"])).all()
+
+
+def test_information_is_counted_to_the_fit_band_edge_where_no_rings_showed():
+    import xarray as xr
+
+    from cryodask.pipeline import _information_resolution
+
+    # Fitted with rings to 8 Å; fitted, no window of rings; no fit at all.
+    ctf = xr.Dataset({"defocus_u_A": ("micrograph", [12000.0, 25000.0, np.nan]),
+                      "defocus_v_A": ("micrograph", [11000.0, 24000.0, np.nan]),
+                      "ctf_fit_resolution_A": ("micrograph", [8.0, np.nan, np.nan], {"fit_band_low_A": 40.0})})
+    out = np.asarray(_information_resolution(ctf))
+    assert out[0] == 8.0 and out[1] == 40.0 and np.isnan(out[2])
+    del ctf["ctf_fit_resolution_A"].attrs["fit_band_low_A"]  # a store written without it: the default band
+    assert float(_information_resolution(ctf)[1]) == 30.0
