@@ -78,3 +78,15 @@ def test_fill_is_reproducible_by_seed():
     c, _ = A.clean_micrograph(sim.image, seed=6)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_counts_with_read_noise_are_counts_and_normalised_images_are_not():
+    # 12 counts a pixel and 1 count of read noise: a few pixels fall below zero.
+    rng = np.random.default_rng(5)
+    counts = rng.poisson(12.0, size=(512, 512)) + rng.normal(0.0, 1.0, size=(512, 512))
+    assert 0 < (counts < 0).sum() < 50
+    found = A.find_impulses(counts.astype(np.float32))
+    assert found.counting and 0.8 < found.fano < 1.3
+    # The same pixels scaled to a mean of 1 and a spread of 1: not counts (a sixth negative).
+    scaled = 1.0 + (counts - counts.mean()) / counts.std()
+    assert not A.find_impulses(scaled.astype(np.float32)).counting

@@ -208,7 +208,11 @@ def test_learned_weights_repeat_from_a_seed_and_rank_by_quality():
     second = learn_weights(comps, quality, n_trials=60, seed=7)
     assert first == second
     assert first.provenance["spearman"] > 0.8
-    assert np.argmax(first.w) == COMPONENTS.index("impact")
+    # The other four are noise: the one-standard-error rule leaves them (nearly) out, where
+    # the best of the trials alone gave 'logic' a fifth of the weight.
+    assert first.w[COMPONENTS.index("impact")] > 0.9
+    assert first.provenance["spearman"] >= first.provenance["spearman_best"] - first.provenance[
+        "spearman_standard_error"]
 
 
 def test_select_expressions():
