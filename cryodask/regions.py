@@ -79,7 +79,9 @@ class RegionResult:
 def _tiles(x, tile_px):
     ny, nx = x.shape
     nty, ntx = -(-ny // tile_px), -(-nx // tile_px)
-    padded = np.pad(x, ((0, nty * tile_px - ny), (0, ntx * tile_px - nx)), mode="reflect")
+    padded = x
+    if (nty * tile_px, ntx * tile_px) != (ny, nx):
+        padded = np.pad(x, ((0, nty * tile_px - ny), (0, ntx * tile_px - nx)), mode="reflect")
     return padded.reshape(nty, tile_px, ntx, tile_px).transpose(0, 2, 1, 3)
 
 
@@ -112,7 +114,7 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
     -------
     RegionResult
     """
-    x = np.asarray(image, dtype=np.float64)
+    x = np.asarray(image, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"image must be 2D (y, x), got shape {x.shape}")
     if tile_px < 16 or tile_px % 2:

@@ -80,15 +80,31 @@ _WHITTLE_ITERATIONS = 2
 _LOW_CTF2_FLOOR = 0.01
 
 
-def _shell_regression(index, c, p, weight, n_shells):
-    """Per-shell weighted regression ``p = intercept + slope * c``; and the weighted
-    variance of ``c`` in each shell."""
-    w = np.bincount(index, weight, n_shells)
+#: CTF² bins within a shell: the regression's sums are taken once per bin, and the Whittle
+#: reweighting, a function of a pixel's shell and CTF², weighs each bin at its mean CTF².
+_CTF2_BINS = 128
+
+
+def _bin_sums(index, c, p, n_shells):
+    """Per shell and CTF² bin: pixel count and the sums of ``c``, ``c²``, ``p`` and ``c p``,
+    each ``(n_shells, _CTF2_BINS)``."""
+    key = index * _CTF2_BINS + np.minimum((c * _CTF2_BINS).astype(np.intp), _CTF2_BINS - 1)
+    size = n_shells * _CTF2_BINS
+    shape = (n_shells, _CTF2_BINS)
+    return [np.bincount(key, v, size).reshape(shape) for v in (None, c, c * c, p, c * p)]
+
+
+def _shell_regression(sums, weight):
+    """Per-shell weighted regression ``p = intercept + slope * c`` from :func:`_bin_sums`,
+    each bin weighted by ``weight`` ``(n_shells, _CTF2_BINS)``; and the weighted variance
+    of ``c`` in each shell."""
+    n, sc, scc, sp, scp = sums
+    w = (weight * n).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mc = np.bincount(index, weight * c, n_shells) / w
-        mp = np.bincount(index, weight * p, n_shells) / w
-        var_c = np.bincount(index, weight * c * c, n_shells) / w - mc**2
-        cov = np.bincount(index, weight * c * p, n_shells) / w - mc * mp
+        mc = (weight * sc).sum(axis=1) / w
+        mp = (weight * sp).sum(axis=1) / w
+        var_c = (weight * scc).sum(axis=1) / w - mc**2
+        cov = (weight * scp).sum(axis=1) / w - mc * mp
         slope = cov / var_c
         intercept = mp - slope * mc
     return var_c, slope, intercept
@@ -128,19 +144,21 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
     index = np.minimum((k / nyquist * n_shells).astype(int), n_shells - 1).ravel()
     p = power.ravel().astype(np.float64)
     c = c2.ravel().astype(np.float64)
-    counts = np.bincount(index, minlength=n_shells).astype(np.float64)
-    sc = np.bincount(index, c, n_shells)
-    sp = np.bincount(index, p, n_shells)
-    var_c, slope, intercept = _shell_regression(index, c, p, np.ones_like(p), n_shells)
+    sums = _bin_sums(index, c, p, n_shells)
+    counts = sums[0].sum(axis=1)
+    sc = sums[1].sum(axis=1)
+    sp = sums[3].sum(axis=1)
+    var_c, slope, intercept = _shell_regression(sums, np.ones(sums[0].shape))
     # Periodogram values are exponentially distributed about the model: weighting each by
     # the inverse square of its model power turns least squares into the Whittle
     # likelihood (iteratively reweighted).
     floor = 1e-6 * max(float(np.median(p)), 1e-30)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bin_c = np.where(sums[0] > 0, sums[1] / np.maximum(sums[0], 1), 0.0)
     for _ in range(_WHITTLE_ITERATIONS):
-        model = np.where(np.isfinite(slope), intercept, 0.0)[index] + np.where(
-            np.isfinite(slope), slope, 0.0)[index] * c
-        weight = 1.0 / np.maximum(model, floor) ** 2
-        var_c, slope, intercept = _shell_regression(index, c, p, weight, n_shells)
+        model = (np.where(np.isfinite(slope), intercept, 0.0)[:, None]
+                 + np.where(np.isfinite(slope), slope, 0.0)[:, None] * bin_c)
+        var_c, slope, intercept = _shell_regression(sums, 1.0 / np.maximum(model, floor) ** 2)
     # Shells where CTF² hardly varies (the lowest) cannot separate the two: use neighbours.
     good = np.isfinite(slope) & (var_c > 0.02) & (counts > 8)
     centres = (np.arange(n_shells) + 0.5) * nyquist / n_shells

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.fft
 
-from cryodask.ctf import CTFSearch, check_sectors, estimate_ctf, _bin_factor
+from cryodask.ctf import CTFSearch, _bin_factor, check_sectors, estimate_ctf, fill_excluded
 from cryodask.physics import CTFParams, electron_wavelength_A
 # The ice's physics is the simulator's (one description, DESIGN.md): the inelastic mean free
 # path of the thickness estimate ``t = λ ln(I0 / I)`` and the spacing of the amorphous-ice ring.
@@ -292,8 +292,10 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
 
     ctf2_2d = ctf_2d(ky + 0 * kx, kx + 0 * ky, params, with_envelope=False) ** 2
 
-    # Thon rings sector by sector.
-    sectors = check_sectors(x, params, pixel_size_A=pixel_size_A, search=search, exclude=exclude)
+    # Thon rings sector by sector, and the refit below, on the image with its excluded
+    # regions filled once.
+    filled = x if exclude is None else fill_excluded(x, exclude)
+    sectors = check_sectors(filled, params, pixel_size_A=pixel_size_A, search=search)
     se = 1.0 / np.sqrt(np.maximum(sectors.n_pixels, 1))
     ok = np.isfinite(sectors.cc)
     if ok.sum() >= 3:
@@ -326,9 +328,9 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
     if other != factor:
         from dataclasses import replace
 
-        refit = estimate_ctf(x, pixel_size_A=pixel_size_A, voltage_kV=params.voltage_kV, cs_mm=params.cs_mm,
+        refit = estimate_ctf(filled, pixel_size_A=pixel_size_A, voltage_kV=params.voltage_kV, cs_mm=params.cs_mm,
                              amplitude_contrast=params.amplitude_contrast,
-                             search=replace(search, box_size=max(n // other, 64)), exclude=exclude, warn=False)
+                             search=replace(search, box_size=max(n // other, 64)), warn=False)
         mean = 0.5 * (params.defocus_u_A + params.defocus_v_A)
         if np.isfinite(refit.mean_defocus_A):
             out["refit_defocus_change"] = abs(refit.mean_defocus_A - mean) / mean
