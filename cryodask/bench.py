@@ -64,7 +64,21 @@ def _worker_peaks() -> dict:
     return client.run(_own_peak_rss_bytes)
 
 
-def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int = 0, echo=print) -> dict:
+def _worker_limits() -> dict:
+    """Each Dask worker's memory limit (address -> bytes; 0: none); empty without a
+    distributed client."""
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return {}
+    return {address: int(info.get("memory_limit") or 0)
+            for address, info in client.scheduler_info()["workers"].items()}
+
+
+def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int = 0, stages: bool = True,
+                  echo=print) -> dict:
     """Run the benchmark (see the module notes) and return its figures.
 
     Returns
@@ -72,15 +86,15 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
     dict
         ``floor_mb_per_s``, ``pipeline_mb_per_s``, ``ratio_to_floor``, ``peak_rss_bytes``,
         ``stages`` (name -> seconds, seconds per micrograph, MB/s, ratio to the floor), and
-        the run's ``size``, ``count`` and machine.
+        the run's ``size``, ``count`` and machine. With ``stages=False`` the stages are not
+        timed apart (the floor and the pipeline only: for large counts).
     """
     import dask
     import xarray as xr
 
-    from cryodask import pipeline, progress
-    from cryodask.clean import clean_for_fitting, measure_defects
+    from cryodask import pipeline
     from cryodask.ingest import ingest
-    from cryodask.io.store import open_dataset, write_variables
+    from cryodask.io.store import write_variables
     from cryodask.simulate import DatasetRanges, Detector, draw_micrograph_params, write_simulated_dataset
 
     if size < 256 or count < 1:
@@ -103,25 +117,8 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
         write_variables(xr.Dataset({"floor": floor}), store)
         seconds["floor"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        measured = measure_defects(ds)
-        seconds["dataset pass (defects, gain)"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        work, exclude, extra = clean_for_fitting(ds, measured=measured)
-        (ctf,) = progress.compute(xr.merge([pipeline.estimate_ctf_dataset(work, exclude=exclude), extra]))
-        seconds["clean + regions + CTF"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        (noise,) = progress.compute(pipeline.noise_dataset(ds, ctf, gain_estimate=measured,
-                                                           defects=measured.defects, prior=count >= 4))
-        seconds["noise model"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        restored = pipeline.restore_dataset(work, ctf)
-        write_variables(restored.to_dataset(), store)
-        seconds["clean + restore + write"] = time.perf_counter() - start
-        open_dataset(store)  # the writes are complete and readable
+        if stages:
+            _time_stages(ds, store, count, seconds)
 
         start = time.perf_counter()
         pipeline.score_dataset(ds, restore_to=os.path.join(tmp, "restored"))
@@ -139,7 +136,7 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
         "floor_mb_per_s": megabytes / seconds["floor"], "pipeline_seconds": run_seconds,
         "pipeline_mb_per_s": megabytes / run_seconds, "ratio_to_floor": run_seconds / seconds["floor"],
         "stages_seconds": stages_seconds, "peak_rss_bytes": _peak_rss_bytes(),
-        "peak_rss_workers_bytes": workers,
+        "peak_rss_workers_bytes": workers, "worker_memory_limit_bytes": _worker_limits(),
         "stages": stages,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
@@ -147,18 +144,50 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
     echo(f"{'stage':<30} {'s / micrograph':>15} {'MB/s':>9} {'x floor':>8}")
     for name, row in stages.items():
         echo(f"{name:<30} {row['seconds_per_micrograph']:>15.3f} {row['mb_per_s']:>9.1f} {row['ratio_to_floor']:>8.2f}")
-    echo(f"{'the stages, summed':<30} {stages_seconds / count:>15.3f} {megabytes / stages_seconds:>9.1f} "
-         f"{stages_seconds / seconds['floor']:>8.2f}")
+    if stages_seconds > 0:
+        echo(f"{'the stages, summed':<30} {stages_seconds / count:>15.3f} {megabytes / stages_seconds:>9.1f} "
+             f"{stages_seconds / seconds['floor']:>8.2f}")
     echo(f"{'pipeline (2 passes, as run)':<30} {run_seconds / count:>15.3f} {result['pipeline_mb_per_s']:>9.1f} "
          f"{result['ratio_to_floor']:>8.2f}")
     echo(f"peak resident memory: {result['peak_rss_bytes'] / 1e9:.2f} GB")
     if workers:
+        limits = result["worker_memory_limit_bytes"]
         echo("peak resident memory of each worker process: "
-             + ", ".join(f"{v / 1e9:.2f} GB" for v in workers.values()))
+             + ", ".join(f"{v / 1e9:.2f} GB" + (f" (limit {limits[a] / 1e9:.2f} GB)" if limits.get(a) else "")
+                         for a, v in workers.items()))
     return result
 
 
-def run_scaling(*, size: int, counts, cluster: str | None = None, echo=print) -> dict:
+def _time_stages(ds, store, count, seconds) -> None:
+    """Each stage of the pipeline alone (each reads and cleans the micrographs again)."""
+    import xarray as xr
+
+    from cryodask import pipeline, progress
+    from cryodask.clean import clean_for_fitting, measure_defects
+    from cryodask.io.store import open_dataset, write_variables
+
+    start = time.perf_counter()
+    measured = measure_defects(ds)
+    seconds["dataset pass (defects, gain)"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    work, exclude, extra = clean_for_fitting(ds, measured=measured)
+    (ctf,) = progress.compute(xr.merge([pipeline.estimate_ctf_dataset(work, exclude=exclude), extra]))
+    seconds["clean + regions + CTF"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    (noise,) = progress.compute(pipeline.noise_dataset(ds, ctf, gain_estimate=measured,
+                                                       defects=measured.defects, prior=count >= 4))
+    seconds["noise model"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    restored = pipeline.restore_dataset(work, ctf)
+    write_variables(restored.to_dataset(), store)
+    seconds["clean + restore + write"] = time.perf_counter() - start
+    open_dataset(store)  # the writes are complete and readable
+
+
+def run_scaling(*, size: int, counts, cluster: str | None = None, stages: bool = True, echo=print) -> dict:
     """:func:`run_benchmark` for each count, each in a fresh process (so that each peak
     memory is its own); then how the time per micrograph and the peak memory change with
     the count.
@@ -179,6 +208,8 @@ def run_scaling(*, size: int, counts, cluster: str | None = None, echo=print) ->
                        "--json", out]
             if cluster:
                 command += ["--cluster", cluster]
+            if not stages:
+                command.append("--no-stages")
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"cryodask bench --count {count} failed: {done.stderr.strip()[-2000:]}")

@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micrographs (default 8); several counts run one after another, each in a fresh "
                         "process, and are compared: time per micrograph and peak memory against the count")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--no-stages", action="store_true",
+                   help="time the floor and the pipeline only, not each stage apart (for large counts, "
+                        "e.g. a dataset several times the workers' memory limit)")
     _add_cluster(p)
 
     p = sub.add_parser("run", help="the whole pipeline from one YAML configuration",
@@ -692,10 +695,10 @@ def cmd_bench(args) -> None:
     from cryodask.bench import run_benchmark, run_scaling, write_json
 
     if len(args.count) > 1:
-        result = run_scaling(size=args.size, counts=args.count, cluster=args.cluster)
+        result = run_scaling(size=args.size, counts=args.count, cluster=args.cluster, stages=not args.no_stages)
     else:
         with _with_cluster(args.cluster):
-            result = run_benchmark(size=args.size, count=args.count[0])
+            result = run_benchmark(size=args.size, count=args.count[0], stages=not args.no_stages)
     if args.json:
         write_json(result, args.json)
         print(f"-> {args.json}")
