@@ -75,9 +75,11 @@ def test_bench_over_several_counts_runs_each_in_its_own_process(tmp_path, capsys
     import json
 
     out = tmp_path / "scaling.json"
-    assert main(["bench", "--size", "256", "--count", "4", "8", "--json", str(out)]) == 0
+    assert main(["bench", "--size", "256", "--count", "4", "8", "--no-stages", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [run["count"] for run in result["runs"]] == [4, 8]
     assert all(run["peak_rss_bytes"] > 0 and run["ratio_to_floor"] > 1.0 for run in result["runs"])
+    # --no-stages: the floor and the pipeline, no stage timed apart.
+    assert all(set(run["stages"]) == {"ingest", "floor"} and run["stages_seconds"] == 0 for run in result["runs"])
     text = capsys.readouterr().out
     assert "pipeline s / micrograph" in text and "peak RSS GB" in text
