@@ -711,11 +711,20 @@ def _resumable_defects(ds, gain_reference, defects, checkpoint):
 
 
 def _write_restored(block, paths, pixels):
+    """Write a chunk's restored micrographs (each under a temporary name, then renamed).
+
+    A file there already is complete (renamed whole) and left alone: it was written by an
+    earlier attempt of this task, computed again when a worker was lost (a worker over its
+    memory limit is restarted, and its finished tasks rerun elsewhere).
+    """
     from cryodask.io.export import _write_one
 
+    written = 0
     for image, path, pixel in zip(block, paths, pixels):
-        _write_one(path, image, float(pixel), "float32", False)  # temporary name, then renamed
-    return len(paths)
+        if not os.path.isfile(path):
+            _write_one(path, image, float(pixel), "float32", False)
+            written += 1
+    return written
 
 
 def _restore_writes(ds, work, ctf, out_dir, method):

@@ -162,3 +162,16 @@ def test_restoration_runs_unchanged_on_other_array_namespaces(xp):
         assert type(found).__module__.split(".")[0] == xp.__name__.split(".")[0]
         found = np.asarray(found.get() if hasattr(found, "get") else found)
         np.testing.assert_allclose(found, expected, atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_a_restored_file_written_by_an_earlier_attempt_is_left_alone(tmp_path):
+    # A worker lost after writing (over its memory limit, restarted) has its task rerun.
+    from cryodask.pipeline import _write_restored
+
+    block = np.random.default_rng(0).normal(size=(2, 32, 32)).astype(np.float32)
+    paths = [str(tmp_path / "a.mrc"), str(tmp_path / "b.mrc")]
+    assert _write_restored(block, paths, [1.0, 1.0]) == 2
+    assert _write_restored(block + 1.0, paths, [1.0, 1.0]) == 0
+    with mrcfile.open(paths[1]) as mrc:
+        np.testing.assert_array_equal(mrc.data, block[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mrc", "b.mrc"]
