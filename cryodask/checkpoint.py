@@ -103,7 +103,7 @@ def compute_by_chunk(lazy, also=()):
     blocks = {k: _chunk_blocks(ds[k].data) for k in names}
     tasks = [dask.delayed(_gathered, pure=False)(names, *[blocks[k][i] for k in names])
              for i in range(len(bounds) - 1)]
-    parts = list(progress.compute(*tasks, *also)[:len(tasks)]) if tasks or also else []
+    parts = progress.compute_each(tasks, also) if tasks or also else []
     return _assembled(lazy, as_array, ds, names, parts)
 
 
@@ -176,7 +176,7 @@ class Checkpoint:
             tasks = [dask.delayed(_save, pure=False)(p, lazy_names, *[blocks[k][i] for k in lazy_names])
                      for i, p in todo]
             if tasks or also:
-                progress.compute(*tasks, *also)
+                progress.compute_each(tasks, also)
             for p in paths:
                 with np.load(p) as part:
                     parts.append({k: part[k] for k in lazy_names})

@@ -7,12 +7,13 @@ and followed with Dask's text progress bar; otherwise Dask's local ``ProgressBar
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import dask
 import dask.config
 
-__all__ = ["compute"]
+__all__ = ["compute", "compute_each"]
 
 
 def _current_client():
@@ -54,3 +55,35 @@ def _compute(objects, progress):
     futures = client.compute(list(objects))
     distributed_progress(futures, notebook=False)
     return tuple(f.result() for f in futures)
+
+
+def compute_each(tasks, also=(), *, progress: bool | None = None) -> list:
+    """The results of ``tasks`` (Dask objects, e.g. one per chunk), computed with ``also``.
+
+    With a distributed client each result is gathered as soon as its task finishes and then
+    released on the workers, so that what they hold does not grow with the number of tasks
+    (``dask.compute`` keeps every result on the workers until the last one is done); the
+    progress, when on, is a count of finished tasks. Without a client, :func:`compute`.
+    """
+    tasks, also = list(tasks), list(also)
+    client = _current_client()
+    if client is None or not tasks:
+        return list(compute(*tasks, *also, progress=progress)[:len(tasks)])
+    if progress is None:
+        progress = bool(dask.config.get("cryodask.progress", default=False))
+    from distributed import as_completed
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        futures = client.compute(tasks + also)
+    where = {future.key: i for i, future in enumerate(futures)}
+    results = [None] * len(tasks)
+    for done, (future, result) in enumerate(as_completed(futures, with_results=True), start=1):
+        i = where[future.key]
+        if i < len(tasks):
+            results[i] = result
+        future.release()
+        if progress:
+            print(f"\r{done} of {len(futures)} tasks done", end="\n" if done == len(futures) else "",
+                  file=sys.stderr, flush=True)
+    return results

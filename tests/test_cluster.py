@@ -118,3 +118,27 @@ def test_external_scheduler_and_two_workers(sim_dir, tmp_path, external_schedule
         assert os.getpid() not in worker_pids and len(worker_pids) == 2
         result = _ingest_values(sim_dir, tmp_path / "external.zarr")
     np.testing.assert_array_equal(result[0], reference[0])
+
+
+def test_results_are_gathered_as_they_complete_and_released():
+    import time
+
+    import dask
+    import numpy as np
+    from distributed import Client, LocalCluster
+
+    from cryodask.progress import compute_each
+
+    def chunk(i):
+        return np.full(100_000, i, np.float64)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        tasks = [dask.delayed(chunk, pure=False)(i) for i in range(12)]
+        out = compute_each(tasks)
+        assert [int(x[0]) for x in out] == list(range(12))
+        # In the tasks' order, and nothing is left on the workers afterwards.
+        deadline = time.monotonic() + 10
+        while any(client.has_what().values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(client.has_what().values())
