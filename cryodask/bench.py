@@ -52,26 +52,27 @@ def _own_peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def _worker_peaks() -> dict:
-    """Each Dask worker process's peak resident memory (address -> bytes); empty without a
-    distributed client (threads: the workers are this process)."""
+def _client():
     try:
         from distributed import get_client
 
-        client = get_client()
+        return get_client()
     except (ImportError, ValueError):
-        return {}
-    return client.run(_own_peak_rss_bytes)
+        return None
+
+
+def _worker_peaks() -> dict:
+    """Each Dask worker process's peak resident memory (address -> bytes); empty without a
+    distributed client (threads: the workers are this process)."""
+    client = _client()
+    return {} if client is None else client.run(_own_peak_rss_bytes)
 
 
 def _worker_limits() -> dict:
     """Each Dask worker's memory limit (address -> bytes; 0: none); empty without a
     distributed client."""
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
+    client = _client()
+    if client is None:
         return {}
     return {address: int(info.get("memory_limit") or 0)
             for address, info in client.scheduler_info()["workers"].items()}

@@ -7,6 +7,7 @@ and followed with Dask's text progress bar; otherwise Dask's local ``ProgressBar
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 
@@ -34,11 +35,17 @@ def compute(*objects, progress: bool | None = None):
     """
     if progress is None:
         progress = bool(dask.config.get("cryodask.progress", default=False))
-    with warnings.catch_warnings():
-        # A dataset's gain estimate and defect map (a few MB) ride along with the graph, once;
-        # distributed's hint about large graphs says nothing the user can act on.
-        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+    with _quiet_large_graphs():
         return _compute(objects, progress)
+
+
+@contextlib.contextmanager
+def _quiet_large_graphs():
+    # A dataset's gain estimate and defect map (a few MB) ride along with the graph, once;
+    # distributed's hint about large graphs says nothing the user can act on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        yield
 
 
 def _compute(objects, progress):
@@ -73,8 +80,7 @@ def compute_each(tasks, also=(), *, progress: bool | None = None) -> list:
         progress = bool(dask.config.get("cryodask.progress", default=False))
     from distributed import as_completed
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+    with _quiet_large_graphs():
         futures = client.compute(tasks + also)
     where = {future.key: i for i, future in enumerate(futures)}
     results = [None] * len(tasks)
