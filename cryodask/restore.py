@@ -198,8 +198,8 @@ def _below_background(centres, signal, noise, total, mean_c2):
     The particles' power is flat there (their form factor is, for particles under ~200 Å
     across) while the background rises steeply. Those shells are restored with the signal
     of the first shell above them, the power beyond it counted as noise, where that excess
-    is no more than the particles' own power there (on simulated 768² micrographs: under
-    0.3 of it in ice up to 150 Å, 3-7x from 800 Å); else the background rules and they are
+    is no more than the particles' own power there (on simulated 768² micrographs: at
+    most 0.31 of it in ice up to 150 Å, 3-7x from 800 Å); else the background rules and they are
     left out. (Left out always, thin-ice restorations lost 0.01-0.04 of correlation with
     the truth; restored always, thick-ice ones lost up to 0.06.)
     """
