@@ -398,7 +398,7 @@ def _information_resolution(ctf: xr.Dataset) -> xr.DataArray:
     Where no window of the fit band showed Thon rings (the fit resolution is NaN) but a
     defocus was fitted, the band's low edge: the fit established nothing finer, and the
     low frequencies below it carry most of a thin-ice, far-from-focus micrograph's
-    contrast (bench_score's micrographs with a NaN fit resolution restore at 0.74-0.87)."""
+    contrast (bench_score's micrographs with a NaN fit resolution restored at 0.68-0.87)."""
     resolution = ctf["ctf_fit_resolution_A"]
     low = float(resolution.attrs.get("fit_band_low_A", CTFSearch().min_resolution_A))
     fitted = np.isfinite(ctf["defocus_u_A"]) & np.isfinite(ctf["defocus_v_A"])
