@@ -2,7 +2,8 @@
 
 The display is off for library calls and on for the command line (which sets the Dask
 config key ``cryodask.progress``). With a distributed client the work is submitted to it
-and followed with Dask's text progress bar; otherwise Dask's local ``ProgressBar`` is used.
+and followed with Dask's text progress bar (:func:`compute`) or a count of finished tasks
+(:func:`compute_each`); otherwise Dask's local ``ProgressBar`` is used.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def compute(*objects, progress: bool | None = None):
 
     ``progress=None`` reads the Dask config key ``cryodask.progress`` (default False).
     """
-    if progress is None:
-        progress = bool(dask.config.get("cryodask.progress", default=False))
     with _quiet_large_graphs():
-        return _compute(objects, progress)
+        return _compute(objects, _progress_on(progress))
+
+
+def _progress_on(progress: bool | None) -> bool:
+    return bool(dask.config.get("cryodask.progress", default=False)) if progress is None else progress
 
 
 @contextlib.contextmanager
@@ -76,8 +79,7 @@ def compute_each(tasks, also=(), *, progress: bool | None = None) -> list:
     client = _current_client()
     if client is None or not tasks:
         return list(compute(*tasks, *also, progress=progress)[:len(tasks)])
-    if progress is None:
-        progress = bool(dask.config.get("cryodask.progress", default=False))
+    progress = _progress_on(progress)
     from distributed import as_completed
 
     with _quiet_large_graphs():

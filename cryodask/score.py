@@ -697,8 +697,9 @@ def learn_weights(components: dict, quality, *, n_trials: int = 300, seed: int =
     one-standard-error rule: of the weights tried whose correlation is within one standard
     error (bootstrap over the micrographs) of the best, the simplest -- the fewest
     components in effect, ``1 / Σ(w/Σw)²`` -- are kept. On a few dozen micrographs the
-    best of hundreds of trials fits their noise (bench_score: Spearman 0.923 on the
-    learning set, 0.901 on unseen micrographs, where ImpactFore alone ranked 0.939); β, γ, κ then
+    best of hundreds of trials fits their noise (bench_score, with the restoration of the
+    time: Spearman 0.923 on the learning set, 0.901 on unseen micrographs, where ImpactFore
+    alone ranked 0.939); β, γ, κ then
     give ``(HyperScore - 100) / 100`` the distribution of ``quality`` (least squares
     between their sorted values), so that a HyperScore of 140 stands for a quality of 0.4
     and a threshold keeps about the share of micrographs the same threshold on the true
