@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from benchmarks.common import correlation, restore_as_pipeline, write_json
+from benchmarks.common import correlation, correlation_by_band, restore_as_pipeline, write_json
 from cryodask.artifacts import clean_micrograph, find_impulses
 from cryodask.causal import (NOISE_CAUSES, explain_noise, ice_on_shells, measure_noise, particle_spectrum,
                              spectrum_shells)
@@ -32,8 +32,12 @@ IDEAL_DETECTOR = Detector(seed=3)  # same MTF, nothing else
 
 
 def _restored_quality(image, truth, defects, ctf=None):
+    """The restoration's correlation with the truth, and its part below 1/200 Å^-1 (the
+    shell the thickness background competes for; pixels of 1 Å)."""
     out = restore_as_pipeline(image, defects=defects, ctf=ctf)
-    return float("nan") if out is None else correlation(out, truth)
+    if out is None:
+        return float("nan"), float("nan")
+    return correlation(out, truth), correlation_by_band(out, truth, [0.0, 1.0 / 200.0, 1.0])[0]
 
 
 def main(argv=None) -> int:
@@ -102,12 +106,17 @@ def main(argv=None) -> int:
                 return _restored_quality(variant.image, variant.projection, ideal_state.defects, ctf)
             return _restored_quality(variant.image / dataset.gain, variant.projection, dataset.defects, ctf)
 
-        improvement = {c: quality(c, v) - base for c, v in variants.items()}
+        improvement = {c: quality(c, v)[0] - base[0] for c, v in variants.items()}
         # The same with the true CTF: the cause's own effect, without the scatter of refitting
         # each re-simulated micrograph's CTF (which is larger than some gains).
-        improvement_true_ctf = {c: quality(c, v, params.ctf) - base_true_ctf for c, v in variants.items()}
+        true_ctf = {c: quality(c, v, params.ctf) for c, v in variants.items()}
+        improvement_true_ctf = {c: q - base_true_ctf[0] for c, (q, _) in true_ctf.items()}
         rows.append({
             "micrograph": i,
+            "ice_thickness_A": params.ice_thickness_A,
+            "dose_e_per_A2": params.dose_e_per_A2,
+            # How much of the ice's gain (true CTF) lies below 1/200 Å^-1.
+            "ice_gain_below_200A": true_ctf["ice"][1] - base_true_ctf[1],
             "share_error": {c: abs(found.shares[c] - truth[c] / total) for c in NOISE_CAUSES},
             "top_cause": found.top_cause,
             "top_cause_own_spectrum": alone.top_cause,
@@ -129,10 +138,12 @@ def main(argv=None) -> int:
     print(f"  re-simulations restored with the true CTF: {agree_true_ctf} of {len(rows)} with the dataset's "
           f"particle spectrum, {alone_true_ctf} of {len(rows)} from each micrograph's own spectrum")
     for r in rows:
-        print(f"  {r['micrograph']:>2}: predicted {r['top_cause']:<10} true {r['true_top_cause']:<10} "
+        print(f"  {r['micrograph']:>2} (ice {r['ice_thickness_A']:4.0f} Å, {r['dose_e_per_A2']:2.0f} e/Å²): "
+              f"predicted {r['top_cause']:<10} true {r['true_top_cause']:<10} "
               "gains predicted " + ", ".join(f"{c} {r['gain'][c]:+.3f}" for c in r["improvement"])
               + "; measured " + ", ".join(f"{c} {v:+.3f}" for c, v in r["improvement"].items())
-              + "; true CTF " + ", ".join(f"{c} {v:+.3f}" for c, v in r["improvement_true_ctf"].items()))
+              + "; true CTF " + ", ".join(f"{c} {v:+.3f}" for c, v in r["improvement_true_ctf"].items())
+              + f" (ice below 1/200 Å^-1 {r['ice_gain_below_200A']:+.3f})")
     write_json(args.json, rows)
     return 0
 

@@ -11,3 +11,21 @@ def test_ctf_benchmark_runs_and_reports(tmp_path, capsys):
     assert data["timing"][0]["size"] == 512 and data["timing"][0]["ratio_to_floor"] > 1
     assert len(data["accuracy"]) == 2
     assert "median" in capsys.readouterr().out
+
+
+def test_the_correlation_splits_over_bands_and_the_parts_sum_to_it():
+    import numpy as np
+
+    from benchmarks.common import correlation, correlation_by_band
+
+    rng = np.random.default_rng(4)
+    truth = rng.normal(size=(64, 64))
+    noisy = truth + rng.normal(size=(64, 64))
+    parts = correlation_by_band(noisy, truth, [0.0, 0.05, 0.2, 1.0])
+    assert len(parts) == 3 and np.isclose(sum(parts), correlation(noisy, truth))
+    # An image that holds the low band alone correlates through that band alone.
+    smooth = np.fft.ifft2(np.fft.fft2(truth) * (np.hypot(*np.meshgrid(np.fft.fftfreq(64), np.fft.fftfreq(64),
+                                                                        indexing="ij")) < 0.05)).real
+    low = correlation_by_band(smooth, truth, [0.0, 0.05, 1.0])
+    assert abs(low[1]) < 1e-12
+    assert np.isclose(low[0], correlation(smooth, truth))
