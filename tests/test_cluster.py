@@ -1,4 +1,5 @@
 import os
+import threading
 import time
 
 import dask
@@ -142,3 +143,51 @@ def test_results_are_gathered_as_they_complete_and_released():
         while any(client.has_what().values()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(client.has_what().values())
+
+
+_STREAM = {"shared_calls": 0, "running": 0, "peak": 0}
+_STREAM_LOCK = threading.Lock()
+
+
+def _shared_value():
+    with _STREAM_LOCK:
+        _STREAM["shared_calls"] += 1
+    return np.arange(3.0)
+
+
+def _counted_chunk(i, base):
+    with _STREAM_LOCK:
+        _STREAM["running"] += 1
+        _STREAM["peak"] = max(_STREAM["peak"], _STREAM["running"])
+    time.sleep(0.05)
+    with _STREAM_LOCK:
+        _STREAM["running"] -= 1
+    return base + i
+
+
+@pytest.mark.parametrize("where", ["threads", "distributed"])
+def test_compute_each_streams_a_window_at_a_time_and_computes_shared_inputs_once(where):
+    """What is in flight is bounded by the window, not by the number of tasks; a value that
+    every task needs (e.g. the dataset's gain) is computed once; each task's ``also`` item
+    runs with it."""
+    from distributed import Client, LocalCluster
+
+    from cryodask.progress import compute_each
+
+    _STREAM.update(shared_calls=0, running=0, peak=0)
+    base = dask.delayed(_shared_value, pure=False)()
+    tasks = [dask.delayed(_counted_chunk, pure=False)(i, base) for i in range(12)]
+    also = [dask.delayed(_counted_chunk, pure=False)(100 + i, base) for i in range(12)]
+    if where == "threads":
+        with dask.config.set(scheduler="threads", num_workers=3):
+            out = compute_each(tasks, also)
+        # Three threads, each running one task and then its item.
+        assert 1 < _STREAM["peak"] <= 3
+    else:
+        with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+                Client(cluster):
+            out = compute_each(tasks, also, window=1)
+        # Four threads, but one task and its item in flight at a time (all at once: four).
+        assert _STREAM["peak"] <= 2
+    assert [float(x[0]) for x in out] == [float(i) for i in range(12)]
+    assert _STREAM["shared_calls"] == 1
