@@ -172,16 +172,30 @@ def make_cluster(config: ClusterConfig):
         from distributed import LocalCluster
 
         n = config.n_workers or max(1, (os.cpu_count() or 1) // config.threads_per_worker)
-        return LocalCluster(
-            n_workers=n,
-            threads_per_worker=config.threads_per_worker,
-            memory_limit=config.memory_limit or "auto",
-            processes=True,
-            dashboard_address=":0" if config.dashboard else None,
-        )
+        with _worker_settings(config):
+            return LocalCluster(
+                n_workers=n,
+                threads_per_worker=config.threads_per_worker,
+                memory_limit=config.memory_limit or "auto",
+                processes=True,
+                dashboard_address=":0" if config.dashboard else None,
+            )
     if config.kind == "cuda":
         return _cuda_cluster(config)
     return _jobqueue_cluster(config)
+
+
+def _worker_settings(config: ClusterConfig):
+    """The Dask settings the workers of a cluster cryodask starts are made with (each
+    nanny keeps them, also for a worker it restarts). Without the dashboard, which shows
+    it, the workers' statistical profiler is off: its history (the last 1000 one-second
+    cycles, overall and per task) pickled to ~40 MB per worker, held as small Python
+    objects, while each worker's unmanaged memory rose from ~0.27 to ~0.45 GB during the
+    second pass over 1907 micrographs of 1024² (the kernels, run 80 micrographs again in
+    one process, leave no objects behind)."""
+    import dask
+
+    return dask.config.set({"distributed.worker.profile.enabled": bool(config.dashboard)})
 
 
 def _cuda_cluster(config: ClusterConfig):
@@ -204,7 +218,8 @@ def _cuda_cluster(config: ClusterConfig):
         kwargs["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(min(config.n_workers, n_gpus)))
     if config.memory_limit:
         kwargs["memory_limit"] = config.memory_limit
-    return dask_cuda.LocalCUDACluster(**kwargs)
+    with _worker_settings(config):
+        return dask_cuda.LocalCUDACluster(**kwargs)
 
 
 def _jobqueue_cluster(config: ClusterConfig):

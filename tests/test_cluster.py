@@ -94,11 +94,17 @@ def _ingest_values(sim_dir, path):
     return ds["image"].values, ds["pixel_size_A"].values
 
 
+def _profiling(dask_worker):
+    return "profile" in dask_worker.periodic_callbacks
+
+
 def test_local_cluster_matches_threads_and_leaves_no_process(sim_dir, tmp_path):
     reference = _ingest_values(sim_dir, tmp_path / "threads.zarr")
     before = _children()
     with cluster_client(ClusterConfig(kind="local", n_workers=2)) as client:
         assert len(client.scheduler_info()["workers"]) == 2
+        # Without the dashboard, the workers keep no statistical profile (memory).
+        assert not any(client.run(_profiling).values())
         result = _ingest_values(sim_dir, tmp_path / "local.zarr")
     np.testing.assert_array_equal(result[0], reference[0])
     np.testing.assert_array_equal(result[1], reference[1])
