@@ -253,13 +253,14 @@ def _stream_local(dsk, dependencies, parts, wanted, window, progress) -> dict:
     threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
     results = {}
     if get is dask.threaded.get:
-        # Each group on one thread, as many at a time as Dask's threaded scheduler runs.
+        # Each group on one thread, as many at a time as Dask's threaded scheduler runs
+        # (fewer if the window is smaller).
         def run(g):
             found = dict(zip(wanted[g], dask.local.get_sync(whole(g), wanted[g])))
             trim_memory()
             return found
 
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        with concurrent.futures.ThreadPoolExecutor(min(threads, window or threads)) as pool:
             for done, found in enumerate(pool.map(run, range(len(parts))), start=1):
                 results.update(found)
                 _show(done, len(parts), progress)

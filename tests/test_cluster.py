@@ -189,6 +189,10 @@ def test_compute_each_streams_a_window_at_a_time_and_computes_shared_inputs_once
             out = compute_each(tasks, also)
         # Three threads, each running one task and then its item.
         assert 1 < _STREAM["peak"] <= 3
+        _STREAM.update(shared_calls=0, running=0, peak=0)
+        with dask.config.set(scheduler="threads", num_workers=3):
+            assert len(compute_each(tasks, also, window=1)) == 12
+        assert _STREAM["peak"] == 1
     else:
         with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
                 Client(cluster):
