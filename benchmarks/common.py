@@ -42,7 +42,9 @@ def correlation_by_band(a, b, edges_per_pixel) -> list:
     fa, fb = np.fft.fft2(a - a.mean()), np.fft.fft2(b - b.mean())
     cross = (fa.conj() * fb).real
     norm = np.sqrt((np.abs(fa) ** 2).sum() * (np.abs(fb) ** 2).sum())
-    ky, kx = np.meshgrid(np.fft.fftfreq(a.shape[0]), np.fft.fftfreq(a.shape[1]), indexing="ij")
+    from cryodask.physics import frequency_grid
+
+    ky, kx = frequency_grid(a.shape, 1.0, layout="full", dtype=np.float64)  # cycles per pixel
     k = np.hypot(ky, kx)
     edges = np.asarray(edges_per_pixel, np.float64)
     return [float(cross[(k >= lo) & (k < hi)].sum() / norm) for lo, hi in zip(edges[:-1], edges[1:])]

@@ -79,8 +79,9 @@ def compute_each(tasks, also=(), *, progress: bool | None = None, window: int | 
     the next started as one finishes. What is in flight, and so the memory it holds, does
     not grow with the number of tasks: handed to the distributed scheduler all at once, the
     second pass of 1907 micrographs of 1024² held 570-650 MB per worker after ~250 of them
-    and rising; streamed, 0.30-0.55 GB to the end (the rise: the workers' statistical
-    profiler, see :mod:`cryodask.cluster`). The graph is built once; each task's part
+    and rising; streamed, 0.30-0.55 GB to the end (the workers' statistical profiler, since
+    turned off, held ~40 MB pickled of that by then: :mod:`cryodask.cluster`). The graph is
+    built once; each task's part
     is taken from it, and the keys several tasks share (the dataset's gain estimate, the
     store's arrays) are computed once, first, and held until the end.
 
