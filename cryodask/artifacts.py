@@ -57,6 +57,7 @@ __all__ = [
     "ImpulseResult",
     "clean_micrograph",
     "correct_pixels",
+    "fano_factor",
     "find_impulses",
 ]
 
@@ -102,17 +103,93 @@ def _robust_centre_spread(x, xp):
     return median, 1.4826 * float(deviation[deviation.shape[0] // 2])
 
 
-def _neighbour_mean(values, weights, ndi, size):
+#: Rows of a stripe of :func:`box_sum`: its working set (a few stripes of the image's
+#: width) stays in the processor's cache.
+_BOX_STRIPE_ROWS = 32
+
+
+def box_sum(values, size: int):
+    """Sum over each pixel's ``size x size`` neighbourhood (odd ``size``), the image
+    mirrored at its edges (``d c b a | a b c d``: SciPy's ``"reflect"``).
+
+    The same as ``scipy.ndimage.uniform_filter(values, size, mode="reflect") * size**2``
+    (to float32 rounding) for NumPy arrays, computed as running sums of shifted slices a
+    stripe of rows at a time -- at 4096², 6x faster than SciPy's line filter, whose
+    column pass strides across memory. Other arrays (CuPy) go to their ``ndimage``.
+    """
+    r = size // 2
+    ny, nx = values.shape
+    if not isinstance(values, np.ndarray) or min(ny, nx) <= size:
+        return _ndimage(values).uniform_filter(values, size, mode="reflect") * (size * size)
+    out = np.empty(values.shape, dtype=values.dtype)
+    for y0 in range(0, ny, _BOX_STRIPE_ROWS):
+        y1 = min(y0 + _BOX_STRIPE_ROWS, ny)
+        rows = np.arange(y0 - r, y1 + r)
+        rows = np.where(rows < 0, -rows - 1, np.where(rows >= ny, 2 * ny - rows - 1, rows))
+        block = values[rows]
+        column = block[: y1 - y0].copy()  # the sum over each pixel's ``size`` rows
+        for i in range(1, size):
+            column += block[i : i + y1 - y0]
+        padded = np.concatenate([column[:, r - 1 :: -1], column, column[:, : nx - r - 1 : -1]], axis=1)
+        stripe = out[y0:y1]
+        np.copyto(stripe, padded[:, :nx])
+        for j in range(1, size):
+            stripe += padded[:, j : j + nx]
+    return out
+
+
+def _neighbour_mean(values, weights, size):
     """Mean of the ``size x size`` neighbourhood, the centre and zero-weight pixels left out.
 
     ``weights`` None means every pixel counts (the count is then ``size**2 - 1``).
     """
     n = size * size
     if weights is None:
-        return (ndi.uniform_filter(values, size, mode="reflect") * n - values) / (n - 1)
-    num = ndi.uniform_filter(values * weights, size, mode="reflect") * n - values * weights
-    den = ndi.uniform_filter(weights, size, mode="reflect") * n - weights
+        return (box_sum(values, size) - values) / (n - 1)
+    num = box_sum(values * weights, size) - values * weights
+    den = box_sum(weights, size) - weights
     return num / (den + (den < 0.5))
+
+
+def _local_residuals(x, known, size, xp):
+    """The first look of :func:`find_impulses`: the clipped image, each pixel's reference
+    and residual, the residuals' robust spread, and the Fano factor (0 unless the image
+    looks like counts). None for a constant image."""
+    median, spread = _robust_centre_spread(x, xp)
+    if not spread > 0:
+        return None
+    clipped = xp.clip(x, median - 5 * spread, median + 5 * spread)
+    any_known = bool(xp.any(known))
+    weights = xp.astype(~known, xp.float32) if any_known else None
+    reference = _neighbour_mean(clipped, weights, size)
+    residual = x - reference
+    if any_known:
+        residual = xp.where(known, xp.zeros_like(residual), residual)
+    _, r_spread = _robust_centre_spread(residual, xp)
+    # Counts are not negative; a detector's read noise may push a few near-empty pixels
+    # below zero (at 14 counts a pixel and 1 count of read noise, a handful in 768²), so a
+    # thousandth of the pixels may be.
+    negative = float(xp.sum(xp.astype(x < 0, xp.float32))) / float(x.size)
+    counting = bool(median > 0 and negative <= 1e-3)
+    fano = r_spread**2 / median if counting else 0.0
+    return clipped, reference, residual, r_spread, fano
+
+
+def fano_factor(image, *, size: int = 5) -> float:
+    """The Fano factor (variance / mean) of a micrograph's counting noise, as
+    :func:`find_impulses` measures it (residuals from each pixel's ``size x size``
+    neighbourhood mean, robust spread), without the detection; 0 where the image does not
+    look like counts (negative pixels beyond a thousandth, or a mean not above 0).
+
+    >>> import numpy as np
+    >>> counts = np.random.default_rng(0).poisson(30.0, size=(256, 256))
+    >>> round(fano_factor(counts), 1)
+    1.0
+    """
+    xp = namespace(image)
+    x = xp.astype(image, xp.float32)
+    local = _local_residuals(x, xp.zeros(x.shape, dtype=xp.bool), size, xp)
+    return 0.0 if local is None else float(local[-1])
 
 
 def find_impulses(image, *, defects=None, threshold: float = 6.0, grow_threshold: float = 3.5,
@@ -151,36 +228,28 @@ def find_impulses(image, *, defects=None, threshold: float = 6.0, grow_threshold
     known = xp.zeros(x.shape, dtype=xp.bool) if defects is None else xp.astype(defects, xp.bool)
     if known.shape != x.shape:
         raise ValueError(f"defects has shape {tuple(known.shape)}, the image {tuple(x.shape)}")
-    median, spread = _robust_centre_spread(x, xp)
-    if not spread > 0:
+    local = _local_residuals(x, known, size, xp)
+    if local is None:
         mask = xp.where(known, xp.asarray(DEFECT, dtype=xp.uint8), xp.zeros(x.shape, dtype=xp.uint8))
         return ImpulseResult(mask, x, xp.zeros_like(x), False, 0.0)
-    clipped = xp.clip(x, median - 5 * spread, median + 5 * spread)
+    clipped, reference, residual, r_spread, fano = local
     any_known = bool(xp.any(known))
-    weights = xp.astype(~known, xp.float32) if any_known else None
-    reference = _neighbour_mean(clipped, weights, ndi, size)
-    residual = x - reference
-    if any_known:
-        residual = xp.where(known, xp.zeros_like(residual), residual)
-    _, r_spread = _robust_centre_spread(residual, xp)
-    # Counts are not negative; a detector's read noise may push a few near-empty pixels
-    # below zero (at 14 counts a pixel and 1 count of read noise, a handful in 768²), so a
-    # thousandth of the pixels may be.
-    negative = float(xp.sum(xp.astype(x < 0, xp.float32))) / float(x.size)
-    counting = bool(median > 0 and negative <= 1e-3)
-    fano = r_spread**2 / median if counting else 0.0
-    counting = counting and 0.2 < fano < 5.0
+    counting = 0.2 < fano < 5.0
     sigma = _spread(reference, counting, fano, r_spread, xp)
     z = residual / sigma
 
     # Seeds grow into their connected region above the lower threshold (hysteresis).
     labels, n = ndi.label(z > grow_threshold, structure=xp.ones((3, 3), dtype=xp.bool))
-    seeds = z > threshold
+    # Only the few labelled pixels are looked at from here on (a whole-image gather of
+    # the labels costs more than the labelling).
+    where = xp.nonzero(labels)
+    labelled = labels[where]
     keep = np.zeros(n + 1, dtype=bool)
-    keep[np.unique(_host(labels[seeds]))] = True
-    keep[0] = False
-    found = xp.asarray(keep)[labels]
-    sizes = np.bincount(_host(labels[found]), minlength=n + 1)
+    keep[np.unique(_host(labelled[z[where] > threshold]))] = True
+    kept = xp.asarray(keep)[labelled]
+    found = xp.zeros(x.shape, dtype=xp.bool)
+    found[where] = kept
+    sizes = np.bincount(_host(labelled[kept]), minlength=n + 1)
     clusters = np.flatnonzero(sizes > 1)
     # Second pass, around clusters only: a wider reference that leaves the cluster out.
     boxes = ndi.find_objects(_host(labels), max_label=int(clusters.max())) if clusters.size else []
@@ -191,7 +260,7 @@ def find_impulses(image, *, defects=None, threshold: float = 6.0, grow_threshold
                   slice(max(xs.start - wide, 0), min(xs.stop + wide, x.shape[1])))
         local_found = found[region]
         excluded = ndi.binary_dilation(local_found, iterations=1) | known[region]
-        local_ref = _neighbour_mean(clipped[region], xp.astype(~excluded, xp.float32), ndi, wide)
+        local_ref = _neighbour_mean(clipped[region], xp.astype(~excluded, xp.float32), wide)
         local_sigma = _spread(local_ref, counting, fano, r_spread, xp)
         local_z = (x[region] - local_ref) / local_sigma
         grow = ((local_z > grow_threshold) | local_found) & ~known[region]
@@ -202,7 +271,8 @@ def find_impulses(image, *, defects=None, threshold: float = 6.0, grow_threshold
         sigma[region] = xp.where(excluded, local_sigma, sigma[region])
 
     # A lone pixel is a hot pixel; a cluster (as first found, possibly grown) an X-ray.
-    single = xp.asarray(sizes == 1)[labels] & found
+    single = xp.zeros(x.shape, dtype=xp.bool)
+    single[where] = xp.asarray(sizes == 1)[labelled] & found[where]
     mask = xp.where(found, xp.asarray(XRAY, dtype=xp.uint8), xp.zeros(x.shape, dtype=xp.uint8))
     mask = xp.where(single, xp.asarray(HOT_PIXEL, dtype=xp.uint8), mask)
     if any_known:

@@ -247,7 +247,7 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
     descriptor : (m,) float32 array
         The log radial power spectrum on ``descriptor_k``, its mean removed.
     """
-    from cryodask.artifacts import find_impulses
+    from cryodask.artifacts import fano_factor
     from cryodask.restore import fit_signal_noise
 
     raw = np.asarray(raw)
@@ -261,8 +261,8 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
     counting = bool(float(raw.min()) >= 0 and float(raw.mean()) > 0)
     out["counting"] = float(counting)
     if counting:
-        found = find_impulses(x)
-        out["fano"] = found.fano if found.fano > 0 else float("nan")
+        fano = fano_factor(x)
+        out["fano"] = fano if fano > 0 else float("nan")
     out["mean_counts"] = float(x.mean())
     good = np.ones(raw.shape, bool) if defects is None else ~np.asarray(defects, bool)
     top = float(raw[good].max())
@@ -288,9 +288,10 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
     descriptor = (d - d.mean()).astype(np.float32)
     if params is None:
         return out, descriptor
-    from cryodask.physics import ctf_2d
+    from cryodask.physics import ctf_2d, frequency_grid
 
-    ctf2_2d = ctf_2d(ky + 0 * kx, kx + 0 * ky, params, with_envelope=False) ** 2
+    # CTF² on the periodogram's half plane (float32, as fit_signal_noise would make it).
+    ctf2_2d = ctf_2d(*frequency_grid(x.shape, pixel_size_A, layout="rfft"), params, with_envelope=False) ** 2
 
     # Thon rings sector by sector, and the refit below, on the image with its excluded
     # regions filled once.
@@ -310,7 +311,7 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
         out["sector_tolerance_A"] = sectors.tolerance_A
 
     # The forward model against the 2D periodogram (Whittle deviance per Fourier pixel).
-    k_shells, signal, noise = fit_signal_noise(x, params, pixel_size_A=pixel_size_A)
+    k_shells, signal, noise = fit_signal_noise(x, params, pixel_size_A=pixel_size_A, power=power, ctf2=ctf2_2d)
 
     band = (kk > 1.0 / 50.0) & (kk < 0.95 * nyquist) & ((kx > 0) | (ky > 0))
     ctf2 = ctf2_2d[band]

@@ -90,3 +90,25 @@ def test_counts_with_read_noise_are_counts_and_normalised_images_are_not():
     # The same pixels scaled to a mean of 1 and a spread of 1: not counts (a sixth negative).
     scaled = 1.0 + (counts - counts.mean()) / counts.std()
     assert not A.find_impulses(scaled.astype(np.float32)).counting
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (7, 9), (33, 70), (64, 65), (100, 37)])
+@pytest.mark.parametrize("size", [3, 5, 9])
+def test_box_sum_is_scipys_reflecting_uniform_filter(shape, size):
+    from scipy import ndimage
+
+    x = np.random.default_rng(shape[0] * size).normal(size=shape).astype(np.float32)
+    expected = ndimage.uniform_filter(x, size, mode="reflect") * size * size
+    found = A.box_sum(x, size)
+    assert found.dtype == np.float32 and found.shape == x.shape
+    np.testing.assert_allclose(found, expected, atol=2e-5 * size * size)
+
+
+def test_fano_factor_is_the_one_find_impulses_measures():
+    rng = np.random.default_rng(3)
+    counts = (2.0 * rng.poisson(15.0, size=(300, 260))).astype(np.float32)  # Fano factor 2
+    counts[40, 50] = 900.0
+    assert A.fano_factor(counts) == A.find_impulses(counts).fano
+    assert 1.8 < A.fano_factor(counts) < 2.2
+    assert A.fano_factor(rng.normal(size=(64, 64))) == 0.0  # not counts
+    assert A.fano_factor(np.full((32, 32), 5.0)) == 0.0

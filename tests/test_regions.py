@@ -84,3 +84,17 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="smaller than two tiles"):
         classify_regions(np.zeros((100, 100)), tile_px=64)
     assert CARBON == 2
+
+
+def test_median_at_few_pixels_is_the_median_filter():
+    from scipy import ndimage
+
+    from cryodask.regions import _median_at
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 57)).astype(np.float32)
+    where = rng.random(x.shape) < 0.02
+    where[0, 0] = where[-1, -1] = where[0, -1] = where[20, 1] = True  # the mirrored edges
+    np.testing.assert_array_equal(_median_at(x, where, 5), ndimage.median_filter(x, size=5)[where])
+    many = rng.random(x.shape) < 0.5  # the whole filter then
+    np.testing.assert_array_equal(_median_at(x, many, 3), ndimage.median_filter(x, size=3)[many])
