@@ -178,23 +178,34 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
     tiles, z_mean = _classify(mean, m0, m_spread, z_mid, counts, z_threshold, whole_regions=True)
 
     mask = np.kron(tiles, np.ones((tile_px, tile_px), dtype=np.uint8))[: x.shape[0], : x.shape[1]]
-    smooth = None
+    # Two box passes of half a tile: close to a Gaussian of tile/4, at a constant cost per
+    # pixel. Computed near the tiles found only (most micrographs are all ice), over each
+    # group of neighbouring tiles with a margin of both passes' reach: the same values as
+    # over the whole image.
+    box = max(3, tile_px // 2 + 1)
+    reach = 2 * (box // 2)
     for code, sign in ((CONTAMINATION, -1.0), (VACUUM, 1.0)):
         found = tiles == code
         if not found.any():
             continue
-        if smooth is None:  # only where there are edges to trace (most micrographs are all ice)
-            # Two box passes of half a tile: close to a Gaussian of tile/4, at a constant cost
-            # per pixel.
-            box = max(3, tile_px // 2 + 1)
-            smooth = ndimage.uniform_filter(ndimage.uniform_filter(x, box, mode="reflect"), box, mode="reflect")
-        ice_level = np.kron(m0, np.ones((tile_px, tile_px)))[: x.shape[0], : x.shape[1]]
-        level = ice_level + 0.25 * (float(np.median(mean[found])) - ice_level)
-        near = np.kron(ndimage.binary_dilation(found), np.ones((tile_px, tile_px), bool))
-        near = near[: x.shape[0], : x.shape[1]]
-        inside = near & ((smooth - level) * sign > 0)
-        mask[near & (mask == code)] = ICE
-        mask[inside] = code
+        near_tiles = ndimage.binary_dilation(found)
+        ice_at = float(np.median(mean[found]))
+        groups, _ = ndimage.label(near_tiles, structure=np.ones((3, 3), bool))
+        for ty, tx in ndimage.find_objects(groups):
+            y0, y1 = ty.start * tile_px, min(ty.stop * tile_px, x.shape[0])
+            x0, x1 = tx.start * tile_px, min(tx.stop * tile_px, x.shape[1])
+            cy0, cy1 = max(y0 - reach, 0), min(y1 + reach, x.shape[0])
+            cx0, cx1 = max(x0 - reach, 0), min(x1 + reach, x.shape[1])
+            smooth = ndimage.uniform_filter(ndimage.uniform_filter(x[cy0:cy1, cx0:cx1], box, mode="reflect"),
+                                            box, mode="reflect")[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
+            cells = np.ones((tile_px, tile_px))
+            ice_level = np.kron(m0[ty, tx], cells)[: y1 - y0, : x1 - x0]
+            level = ice_level + 0.25 * (ice_at - ice_level)
+            near = np.kron(near_tiles[ty, tx], cells.astype(bool))[: y1 - y0, : x1 - x0]
+            inside = near & ((smooth - level) * sign > 0)
+            part = mask[y0:y1, x0:x1]
+            part[near & (part == code)] = ICE
+            part[inside] = code
     features = {"mean": mean, "noise": noise, "mid_ratio": ratio, "z_mean": z_mean, "z_mid": z_mid}
     return RegionResult(tiles=tiles, mask=mask, tile_px=tile_px, features=features)
 

@@ -152,7 +152,7 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
     # Periodogram values are exponentially distributed about the model: weighting each by
     # the inverse square of its model power turns least squares into the Whittle
     # likelihood (iteratively reweighted).
-    floor = 1e-6 * max(float(np.median(p)), 1e-30)
+    floor = 1e-6 * max(float(np.median(p[:: max(1, p.size // 65536)])), 1e-30)  # a sample's median will do
     with np.errstate(invalid="ignore", divide="ignore"):
         bin_c = np.where(sums[0] > 0, sums[1] / np.maximum(sums[0], 1), 0.0)
     for _ in range(_WHITTLE_ITERATIONS):
@@ -219,6 +219,33 @@ def _below_background(centres, signal, noise, total, mean_c2):
     return signal, noise
 
 
+def _shell_interpolator(kk, k):
+    """Linear interpolation from the shells ``k`` (increasing, values held flat beyond
+    their ends) onto the frequencies ``kk``: indices and weights found once, for several
+    functions of the shells. Returns ``values -> float32 array of kk's shape``."""
+    k = np.asarray(k, np.float64)
+    step = np.diff(k)
+    if k.size > 1 and np.all(np.abs(step - step[0]) <= 1e-9 * step[0]):
+        # Evenly spaced (as fit_signal_noise's shells are): the index by arithmetic, in
+        # float32 -- a search in double precision costs more than the rest.
+        u = (np.asarray(kk, np.float32) - np.float32(k[0])) * np.float32(1.0 / step[0])
+        base = np.clip(np.floor(u), 0, k.size - 2)
+        at = base.astype(np.intp)
+        t = np.clip(u - base, np.float32(0.0), np.float32(1.0))
+    else:
+        kk = np.asarray(kk, np.float64)
+        at = np.clip(np.searchsorted(k, kk, side="right") - 1, 0, k.size - 2)
+        t = np.clip((kk - k[at]) / (k[at + 1] - k[at]), 0.0, 1.0).astype(np.float32)
+    after = at + 1
+
+    def interp(values):
+        values = np.asarray(values, np.float32)
+        low = np.take(values, at)
+        return low + (np.take(values, after) - low) * t
+
+    return interp
+
+
 def wiener_gain(shape, params: CTFParams, *, pixel_size_A: float, k, signal, noise, separate_ice: bool = True,
                 xp=np, grid=None):
     """The Wiener filter ``CTF·S_p / (CTF²·S + N)`` on the ``rfft2`` half plane of ``shape``
@@ -230,16 +257,7 @@ def wiener_gain(shape, params: CTFParams, *, pixel_size_A: float, k, signal, noi
 
         particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
     ky, kx, ctf = grid if grid is not None else _ctf_grid(shape, pixel_size_A, params, xp)
-    kk = to_numpy(xp.sqrt(ky * ky + kx * kx) + 0.0 * kx).astype(np.float64)
-    # Linear interpolation on the shells, its indices and weights found once for the three.
-    k = np.asarray(k, np.float64)
-    at = np.clip(np.searchsorted(k, kk, side="right") - 1, 0, k.size - 2)
-    t = np.clip((kk - k[at]) / (k[at + 1] - k[at]), 0.0, 1.0)
-
-    def interp(values):
-        values = np.asarray(values, np.float64)
-        return (values[at] * (1.0 - t) + values[at + 1] * t).astype(np.float32)
-
+    interp = _shell_interpolator(to_numpy(xp.sqrt(ky * ky + kx * kx) + 0.0 * kx), k)
     s = xp.asarray(interp(signal))
     sp = xp.asarray(interp(particles))
     n = xp.asarray(np.maximum(interp(noise), np.float32(1e-30)))

@@ -175,3 +175,17 @@ def test_a_restored_file_written_by_an_earlier_attempt_is_left_alone(tmp_path):
     with mrcfile.open(paths[1]) as mrc:
         np.testing.assert_array_equal(mrc.data, block[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mrc", "b.mrc"]
+
+
+@pytest.mark.parametrize("even", [True, False])
+def test_shell_interpolation_is_numpys_interp(even):
+    from cryodask.restore import _shell_interpolator
+
+    k = (np.arange(40) + 0.5) * 0.5 / 40
+    if not even:
+        k = k**1.3
+    kk = np.random.default_rng(1).uniform(-0.01, 0.8, size=(50, 33)).astype(np.float32)
+    values = np.exp(-np.arange(40) / 7.0) + 0.1
+    found = _shell_interpolator(kk, k)(values)
+    assert found.dtype == np.float32 and found.shape == kk.shape
+    np.testing.assert_allclose(found, np.interp(kk.astype(np.float64), k, values), rtol=1e-5)
