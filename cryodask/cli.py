@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from cryodask.progress import keep_large_blocks
+
+    keep_large_blocks()  # before Dask's threads start (each would take its own arena)
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "info": cmd_info,
                "demo": cmd_demo, "ctf": cmd_ctf, "clean": cmd_clean,
                "restore": cmd_restore, "noise": cmd_noise, "score": cmd_score,

@@ -9,6 +9,7 @@ import pytest
 
 from cryodask import ingest
 from cryodask.cluster import ClusterConfig, ClusterError, cluster_client, load_cluster_config, make_cluster
+from cryodask.progress import ALLOCATOR_ENVIRON
 
 
 def test_spec_parsing():
@@ -98,6 +99,19 @@ def _profiling(dask_worker):
     return "profile" in dask_worker.periodic_callbacks
 
 
+def _allocator_environ():
+    return tuple(os.environ.get(name) for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",
+                                                   "MALLOC_TRIM_THRESHOLD_"))
+
+
+def test_keep_large_blocks_takes_on_glibc():
+    import platform
+
+    from cryodask.progress import keep_large_blocks
+
+    assert keep_large_blocks() is (platform.libc_ver()[0] == "glibc")
+
+
 def test_local_cluster_matches_threads_and_leaves_no_process(sim_dir, tmp_path):
     reference = _ingest_values(sim_dir, tmp_path / "threads.zarr")
     before = _children()
@@ -105,6 +119,12 @@ def test_local_cluster_matches_threads_and_leaves_no_process(sim_dir, tmp_path):
         assert len(client.scheduler_info()["workers"]) == 2
         # Without the dashboard, the workers keep no statistical profile (memory).
         assert not any(client.run(_profiling).values())
+        # Each worker's C allocator reuses freed micrograph-sized arrays (speed), and
+        # Dask's own settings for the workers are kept.
+        environ = client.run(_allocator_environ).values()
+        assert all(e == (ALLOCATOR_ENVIRON["MALLOC_ARENA_MAX"], ALLOCATOR_ENVIRON["MALLOC_MMAP_THRESHOLD_"],
+                         str(dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"]))
+                   for e in environ)
         result = _ingest_values(sim_dir, tmp_path / "local.zarr")
     np.testing.assert_array_equal(result[0], reference[0])
     np.testing.assert_array_equal(result[1], reference[1])
