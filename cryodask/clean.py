@@ -22,7 +22,7 @@ import xarray as xr
 
 from cryodask import progress
 from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY, correct_pixels, find_impulses
-from cryodask.defects import (N_GAIN_RINGS, N_STATISTICS, DatasetDefects, estimate_defects, micrograph_statistics,
+from cryodask.defects import (N_GAIN_RINGS, DatasetDefects, estimate_defects, micrograph_statistics,
                               ring_power)
 from cryodask.ctf import CTFSearch
 from cryodask.pipeline import check_image_chunks, estimate_ctf_dataset, regions_dataset
@@ -43,16 +43,20 @@ MIN_GAIN_MICROGRAPHS = 8
 
 
 def _stats_block(block, gain, defects):
+    """One micrograph's statistics (:func:`cryodask.defects.micrograph_statistics`) and,
+    apart, its median count, Fano factor and power per gain ring."""
     image = block[0] * gain[0]
     found = find_impulses(image, defects=defects[0] > 0)
     stats = micrograph_statistics(image, found.mask)
-    extra = np.array([float(np.median(image[::4, ::4])), found.fano], dtype=np.float32)
-    out = np.zeros((1, N_STATISTICS + 1, *image.shape), dtype=np.float32)
-    out[0, :N_STATISTICS] = stats
-    out[0, N_STATISTICS, 0, :2] = extra  # median counts and Fano factor ride along
-    if image.shape[0] > 1 and image.shape[1] >= N_GAIN_RINGS:  # and the power per ring
-        out[0, N_STATISTICS, 1, :N_GAIN_RINGS] = ring_power(stats)
-    return out
+    extra = np.zeros(2 + N_GAIN_RINGS)
+    extra[:2] = float(np.median(image[::4, ::4])), found.fano
+    if image.shape[0] > 1 and image.shape[1] >= N_GAIN_RINGS:
+        extra[2:] = ring_power(stats)
+    return stats, extra
+
+
+def _add_stats(a, b):
+    return a[0] + b[0], a[1] + b[1]
 
 
 def _inputs(ds, gain_reference, defects):
@@ -80,20 +84,22 @@ def measure_defects(ds: xr.Dataset, *, gain_reference=None, defects=None) -> Dat
     defects : (y, x) bool array, optional
         Known defects (e.g. from a defect file), added to what is found.
     """
+    import dask
+
     data, gain, known = _inputs(ds, gain_reference, defects)
     n = data.shape[0]
-    stats = da.map_blocks(_stats_block, data, gain, known, dtype=np.float32,
-                          chunks=(data.chunks[0], (N_STATISTICS + 1,), data.chunks[1], data.chunks[2]),
-                          new_axis=1)
+    gain, known = (a.to_delayed().ravel()[0] for a in (gain, known))
+    level = [dask.delayed(_stats_block)(block, gain, known) for block in data.to_delayed().ravel()]
     # Summed two at a time: a task holds three micrographs' statistics at most, whatever the
     # dataset's size (a wider tree holds more at once; the count of additions is the same).
-    (total,) = progress.compute(stats.sum(axis=0, split_every=2))
-    sums = total[:N_STATISTICS]
-    mean_counts = float(total[N_STATISTICS, 0, 0]) / n
-    fano = float(total[N_STATISTICS, 0, 1]) / n
-    rings = None
-    if total.shape[1] > 1 and total.shape[2] >= N_GAIN_RINGS:
-        rings = total[N_STATISTICS, 1, :N_GAIN_RINGS].astype(np.float64)
+    # The few numbers per micrograph travel beside the statistics, not as a plane of them.
+    while len(level) > 1:
+        level = [dask.delayed(_add_stats)(*level[i:i + 2]) if i + 1 < len(level) else level[i]
+                 for i in range(0, len(level), 2)]
+    ((sums, extra),) = progress.compute(level[0])
+    mean_counts = float(extra[0]) / n
+    fano = float(extra[1]) / n
+    rings = extra[2:] if sums.shape[1] > 1 and sums.shape[2] >= N_GAIN_RINGS else None
     found = estimate_defects(sums, n, mean_counts=mean_counts if fano > 0 else None,
                              fano=fano if fano > 0 else 1.0, min_micrographs=MIN_DATASET_MICROGRAPHS,
                              ring_power=rings)
