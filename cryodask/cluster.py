@@ -195,12 +195,13 @@ def _worker_settings(config: ClusterConfig):
     one process, leave no objects behind). Each worker process starts with the C
     allocator set to reuse freed micrograph-sized arrays
     (:func:`cryodask.progress.keep_large_blocks`)."""
+    import importlib
+
     import dask
-    import distributed
 
     from cryodask.progress import ALLOCATOR_ENVIRON
 
-    assert distributed  # imported for its configuration's defaults, kept here
+    importlib.import_module("distributed")  # its configuration's defaults, kept here
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ALLOCATOR_ENVIRON}
     return dask.config.set({"distributed.worker.profile.enabled": bool(config.dashboard),
                             "distributed.nanny.pre-spawn-environ": environ})

@@ -99,8 +99,7 @@ def micrograph_statistics(image, mask):
     mean = float(xp.sum(xp.where(valid, x, xp.zeros_like(x))) / max(float(xp.sum(xp.astype(valid, xp.float32))), 1.0))
     if not mean > 0:
         mean = 1.0
-    # Each plane written in place (stacking four temporaries copied a micrograph-sized
-    # array four times over: 0.45 s at 4096²).
+    # Each plane written in place (stacked, four temporaries were copied once more).
     out = xp.empty((N_STATISTICS, *x.shape), dtype=xp.float32)
     out[0, ...] = xp.where(valid, x / mean, xp.zeros_like(x))
     out[1, ...] = xp.astype(valid, xp.float32)
