@@ -1,4 +1,7 @@
-"""Run every benchmark: python -m benchmarks [--quick]."""
+"""python -m benchmarks [ARGS]: the CTF benchmark (``benchmarks.bench_ctf``, with its
+arguments). Each benchmark of the suite runs as ``python -m benchmarks.bench_<name>``:
+ctf, ctf_peers, robust, artifacts, restore, causes, prior, score, codecs, kernels (the
+kernels' ``time_*`` and ``peakmem_*``); the end-to-end benchmark is ``cryodask bench``."""
 
 import sys
 

@@ -29,3 +29,22 @@ def test_the_correlation_splits_over_bands_and_the_parts_sum_to_it():
     low = correlation_by_band(smooth, truth, [0.0, 0.05, 1.0])
     assert abs(low[1]) < 1e-12
     assert np.isclose(low[0], correlation(smooth, truth))
+
+
+def test_kernel_benchmarks_time_against_the_floor_and_measure_peak_memory(tmp_path, capsys):
+    from benchmarks import bench_kernels
+
+    out = tmp_path / "kernels.json"
+    assert bench_kernels.main(["--size", "512", "--repeat", "1", "--only", "box_sum", "find_impulses",
+                               "--json", str(out)]) == 0
+    rows = {row["kernel"]: row for row in json.loads(out.read_text())["kernels"]}
+    assert list(rows) == ["floor", "box_sum", "find_impulses"]
+    assert rows["floor"]["ratio_to_floor"] == 1.0 and rows["find_impulses"]["ratio_to_floor"] > 0
+    # box_sum returns one float32 image: its peak above the loaded inputs is at least that
+    # (the loads' own peak reset before the call), and detection holds several more.
+    assert 0.8 < rows["box_sum"]["peakmem_micrographs"] < 3.0
+    assert rows["find_impulses"]["peakmem_micrographs"] > rows["box_sum"]["peakmem_micrographs"]
+    assert "find_impulses" in capsys.readouterr().out
+    # asv's names, for every kernel.
+    assert all(hasattr(bench_kernels, f"{kind}_{name}") for name in bench_kernels.KERNELS
+               for kind in ("time", "peakmem"))
