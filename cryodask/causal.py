@@ -731,14 +731,15 @@ def spectrum_shells(image, params: CTFParams | None, *, pixel_size_A: float, she
     out = np.full((2, n_shells), np.nan)
     index = np.searchsorted(shell_edges, kk, side="right") - 1
     inside = (index >= 0) & (index < n_shells)
-    counts = np.bincount(index[inside], minlength=n_shells)
+    index = index[inside]  # the Fourier pixels within the shells, once
+    counts = np.bincount(index, minlength=n_shells)
     filled = counts > 0
-    out[0, filled] = (np.bincount(index[inside], np.asarray(power).ravel()[inside], n_shells) / np.maximum(counts, 1))[filled]
+    out[0, filled] = (np.bincount(index, np.asarray(power).ravel()[inside], n_shells) / np.maximum(counts, 1))[filled]
     if params is not None:
         if ctf2 is None:
             ctf2 = ctf_2d(ky + 0 * kx, kx + 0 * ky, params, with_envelope=False) ** 2
         ctf2 = np.broadcast_to(ctf2, power.shape).ravel()
-        out[1, filled] = (np.bincount(index[inside], ctf2[inside], n_shells) / np.maximum(counts, 1))[filled]
+        out[1, filled] = (np.bincount(index, ctf2[inside], n_shells) / np.maximum(counts, 1))[filled]
     return out
 
 
