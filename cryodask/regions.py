@@ -101,11 +101,9 @@ def _median_at(x, where, size):
     ys, xs = np.nonzero(where)
     if ys.size * size * size > x.size:
         return ndimage.median_filter(x, size=size)[where]
-    r = size // 2
-    padded = np.pad(x, r, mode="symmetric")
-    offsets = np.arange(size)
-    windows = padded[(ys[:, None] + offsets[:, None].repeat(size, 1).ravel()),
-                     (xs[:, None] + np.tile(offsets, size))]
+    padded = np.pad(x, size // 2, mode="symmetric")  # SciPy's "reflect"
+    dy, dx = np.divmod(np.arange(size * size), size)  # each window's offsets, row by row
+    windows = padded[ys[:, None] + dy, xs[:, None] + dx]
     return np.median(windows, axis=1).astype(x.dtype)
 
 

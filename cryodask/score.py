@@ -253,8 +253,6 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
     raw = np.asarray(raw)
     x = np.asarray(cleaned, dtype=np.float32)
     out = dict.fromkeys(MEASUREMENTS, float("nan"))
-    # Counts: integer-valued, non-negative raw data; the noise's variance/mean on the
-    # cleaned image (residuals from the local mean, robust).
     # Counts are non-negative with a positive mean (after gain normalisation they need not be
     # integers); their noise's variance/mean is measured on the cleaned image (residuals
     # from the local mean, robust).
