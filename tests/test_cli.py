@@ -67,8 +67,15 @@ def test_bench_reports_the_floor_and_every_stage(tmp_path, capsys):
     assert result["ratio_to_floor"] > 1.0  # the pipeline does more than the floor
     assert result["stages"]["floor"]["ratio_to_floor"] == 1.0
     assert {"clean + regions + CTF", "noise model", "clean + restore + write"} <= set(result["stages"])
+    # Peaks: each stage's and the pipeline's sampled within the process's own high-water
+    # mark (the kernel's counters may lag the sampled size a little); the simulation of
+    # the test data, in a child process, reported apart.
+    process = 1.05 * result["peak_rss_process_bytes"]
+    assert 0 < result["peak_rss_bytes"] <= process
+    assert all(0 < stage["peak_rss_bytes"] <= process for stage in result["stages"].values())
+    assert result["simulation_peak_rss_bytes"] > 0
     text = capsys.readouterr().out
-    assert "x floor" in text and "pipeline (2 passes, as run)" in text
+    assert "x floor" in text and "pipeline (2 passes, as run)" in text and "simulation" in text
 
 
 def test_bench_over_several_counts_runs_each_in_its_own_process(tmp_path, capsys):
@@ -82,4 +89,4 @@ def test_bench_over_several_counts_runs_each_in_its_own_process(tmp_path, capsys
     # --no-stages: the floor and the pipeline, no stage timed apart.
     assert all(set(run["stages"]) == {"ingest", "floor"} and run["stages_seconds"] == 0 for run in result["runs"])
     text = capsys.readouterr().out
-    assert "pipeline s / micrograph" in text and "peak RSS GB" in text
+    assert "pipeline s / micrograph" in text and "pipeline peak GB" in text
