@@ -58,13 +58,13 @@ class _PeakRSS:
 
         import psutil
 
-        process = psutil.Process()
-        self.bytes = process.memory_info().rss
+        self._process = psutil.Process()
+        self.bytes = self._process.memory_info().rss
         self._stop = threading.Event()
 
         def sample():
             while not self._stop.wait(0.01):
-                self.bytes = max(self.bytes, process.memory_info().rss)
+                self.bytes = max(self.bytes, self._process.memory_info().rss)
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -73,10 +73,19 @@ class _PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        import psutil
-
-        self.bytes = max(self.bytes, psutil.Process().memory_info().rss)
+        self.bytes = max(self.bytes, self._process.memory_info().rss)
         return False
+
+
+def _measured(name, compute, seconds, peaks):
+    """``compute()``, with its seconds and this process's peak memory while it ran kept
+    under ``name``."""
+    with _PeakRSS() as peak:
+        start = time.perf_counter()
+        found = compute()
+        seconds[name] = time.perf_counter() - start
+    peaks[name] = peak.bytes
+    return found
 
 
 def _simulate(folder, size, count, seed):
@@ -146,30 +155,21 @@ def run_benchmark(*, size: int = 1024, count: int = 8, workdir=None, seed: int =
         spawn = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
             simulation_peak = child.submit(_simulate, os.path.join(tmp, "sim"), size, count, seed).result()
-        peaks = {}
-        with _PeakRSS() as peak:
-            start = time.perf_counter()
-            ds = ingest(os.path.join(tmp, "sim", "*.mrc"), os.path.join(tmp, "b.zarr"))
-            store = os.path.join(tmp, "b.zarr")
-            seconds = {"ingest": time.perf_counter() - start}
-        peaks["ingest"] = peak.bytes
+        seconds, peaks = {}, {}
+        store = os.path.join(tmp, "b.zarr")
+        ds = _measured("ingest", lambda: ingest(os.path.join(tmp, "sim", "*.mrc"), store), seconds, peaks)
 
-        with _PeakRSS() as peak:
-            start = time.perf_counter()
+        def floor():
             image = ds["image"]
-            floor = xr.DataArray(image.data.map_blocks(_floor_block, dtype=np.float32), dims=image.dims)
-            write_variables(xr.Dataset({"floor": floor}), store)
-            seconds["floor"] = time.perf_counter() - start
-        peaks["floor"] = peak.bytes
+            done = xr.DataArray(image.data.map_blocks(_floor_block, dtype=np.float32), dims=image.dims)
+            write_variables(xr.Dataset({"floor": done}), store)
 
+        _measured("floor", floor, seconds, peaks)
         if stages:
             _time_stages(ds, store, count, seconds, peaks)
-
-        with _PeakRSS() as peak:
-            start = time.perf_counter()
-            pipeline.score_dataset(ds, restore_to=os.path.join(tmp, "restored"))
-            run_seconds = time.perf_counter() - start
-        run_peak = peak.bytes
+        run = ({}, {})
+        _measured("pipeline", lambda: pipeline.score_dataset(ds, restore_to=os.path.join(tmp, "restored")), *run)
+        run_seconds, run_peak = run[0]["pipeline"], run[1]["pipeline"]
 
     workers = _worker_peaks()
     megabytes = count * size * size * 4 / 1e6
@@ -218,12 +218,7 @@ def _time_stages(ds, store, count, seconds, peaks) -> None:
     from cryodask.io.store import open_dataset, write_variables
 
     def timed(name, compute):
-        with _PeakRSS() as peak:
-            begin = time.perf_counter()
-            found = compute()
-            seconds[name] = time.perf_counter() - begin
-        peaks[name] = peak.bytes
-        return found
+        return _measured(name, compute, seconds, peaks)
 
     measured = timed("dataset pass (defects, gain)", lambda: measure_defects(ds))
 
