@@ -146,8 +146,7 @@ def time_wiener_filter(inputs):
 
 #: name -> the function; each ``peakmem_<name>`` is ``time_<name>`` run once in a fresh process.
 KERNELS = {name[len("time_"):]: fn for name, fn in dict(globals()).items() if name.startswith("time_")}
-for _name, _fn in KERNELS.items():
-    globals()[f"peakmem_{_name}"] = _fn
+globals().update({f"peakmem_{name}": fn for name, fn in KERNELS.items()})
 
 
 def _time(fn, inputs, repeat: int) -> list:
