@@ -40,11 +40,65 @@ def _restored_quality(image, truth, defects, ctf=None):
     return correlation(out, truth), correlation_by_band(out, truth, [0.0, 1.0 / 200.0, 1.0])[0]
 
 
+def _true_gains(params, seed, state, ideal_state, dataset, sim=None):
+    """The gain in restored correlation with each cause at its ideal, for one draw of the
+    micrograph (``seed``; ``sim``: that draw when already simulated), restored with its
+    own CTF fit and with the true CTF; and the ice's gain below 1/200 Å^-1 (true CTF)."""
+    paired = dict(seed=seed, paired_counts=True)  # common random numbers: see simulate_micrograph
+    if sim is None:
+        sim = simulate_micrograph(params, detector=state, **paired)
+    variants = {
+        "ice": simulate_micrograph(dataclasses.replace(params, ice_thickness_A=0.0), detector=state, **paired),
+        "detector": simulate_micrograph(params, detector=ideal_state, **paired),
+        "artifacts": simulate_micrograph(dataclasses.replace(params, n_hot_pixels=0, n_xrays=0),
+                                         detector=state, **paired),
+    }
+
+    def quality(cause, variant, ctf=None):
+        if cause == "detector":
+            return _restored_quality(variant.image, variant.projection, ideal_state.defects, ctf)
+        return _restored_quality(variant.image / dataset.gain, variant.projection, dataset.defects, ctf)
+
+    base = quality(None, sim)
+    base_true_ctf = quality(None, sim, params.ctf)
+    true_ctf = {c: quality(c, v, params.ctf) for c, v in variants.items()}
+    return {
+        "estimated_ctf": {c: quality(c, v)[0] - base[0] for c, v in variants.items()},
+        # The same with the true CTF: the cause's own effect, without the scatter of
+        # refitting each re-simulated micrograph's CTF (which is larger than some gains).
+        "true_ctf": {c: q - base_true_ctf[0] for c, (q, _) in true_ctf.items()},
+        "ice_below_200A": true_ctf["ice"][1] - base_true_ctf[1],
+    }
+
+
+def _mean_gains(draws):
+    return {c: float(np.nanmean([d[c] for d in draws])) for c in draws[0]}
+
+
+def _margin(draws):
+    """The mean gains' top cause, its lead over the runner-up and that lead's standard
+    error over the draws (NaN for one draw)."""
+    mean = _mean_gains(draws)
+    top, second = sorted(mean, key=mean.get, reverse=True)[:2]
+    leads = [d[top] - d[second] for d in draws]
+    error = float(np.std(leads, ddof=1) / np.sqrt(len(leads))) if len(leads) > 1 else float("nan")
+    return top, mean[top] - mean[second], error
+
+
+def _gain_errors(draws):
+    """Standard error of each cause's mean gain over the draws (NaN for one draw)."""
+    if len(draws) < 2:
+        return {c: float("nan") for c in draws[0]}
+    return {c: float(np.nanstd([d[c] for d in draws], ddof=1) / np.sqrt(len(draws))) for c in draws[0]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=12)
     parser.add_argument("--size", type=int, default=768)
     parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--realizations", type=int, default=1,
+                        help="draws of each micrograph whose mean gains are the truth (default 1)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
@@ -92,31 +146,21 @@ def main(argv=None) -> int:
         truth = {c: sim.noise_variance[c] for c in NOISE_CAUSES}
         total = sum(truth.values())
         # The defect map is what the dataset pass finds (all of them, bench_artifacts shows).
-        base = _restored_quality(sim.image / dataset.gain, sim.projection, dataset.defects)
-        base_true_ctf = _restored_quality(sim.image / dataset.gain, sim.projection, dataset.defects, params.ctf)
-        paired = dict(seed=seed, paired_counts=True)  # common random numbers: see simulate_micrograph
-        variants = {
-            "ice": simulate_micrograph(dataclasses.replace(params, ice_thickness_A=0.0), detector=state, **paired),
-            "detector": simulate_micrograph(params, detector=ideal_state, **paired),
-            "artifacts": simulate_micrograph(dataclasses.replace(params, n_hot_pixels=0, n_xrays=0),
-                                             detector=state, **paired),
-        }
-        def quality(cause, variant, ctf=None):
-            if cause == "detector":
-                return _restored_quality(variant.image, variant.projection, ideal_state.defects, ctf)
-            return _restored_quality(variant.image / dataset.gain, variant.projection, dataset.defects, ctf)
-
-        improvement = {c: quality(c, v)[0] - base[0] for c, v in variants.items()}
-        # The same with the true CTF: the cause's own effect, without the scatter of refitting
-        # each re-simulated micrograph's CTF (which is larger than some gains).
-        true_ctf = {c: quality(c, v, params.ctf) for c, v in variants.items()}
-        improvement_true_ctf = {c: q - base_true_ctf[0] for c, (q, _) in true_ctf.items()}
+        # The truth's gains: the mean over ``realizations`` draws of the micrograph (the
+        # first is the one measured), each against its own re-simulations.
+        drawn_gains = [_true_gains(params, seed + 1000 * r, state, ideal_state, dataset, sim if r == 0 else None)
+                       for r in range(args.realizations)]
+        first = drawn_gains[0]
+        improvement = _mean_gains([g["estimated_ctf"] for g in drawn_gains])
+        improvement_true_ctf = _mean_gains([g["true_ctf"] for g in drawn_gains])
+        spread = _gain_errors([g["true_ctf"] for g in drawn_gains])
+        _, lead, lead_error = _margin([g["estimated_ctf"] for g in drawn_gains])
         rows.append({
             "micrograph": i,
             "ice_thickness_A": params.ice_thickness_A,
             "dose_e_per_A2": params.dose_e_per_A2,
             # How much of the ice's gain (true CTF) lies below 1/200 Å^-1.
-            "ice_gain_below_200A": true_ctf["ice"][1] - base_true_ctf[1],
+            "ice_gain_below_200A": first["ice_below_200A"],
             "share_error": {c: abs(found.shares[c] - truth[c] / total) for c in NOISE_CAUSES},
             "top_cause": found.top_cause,
             "top_cause_own_spectrum": alone.top_cause,
@@ -124,26 +168,41 @@ def main(argv=None) -> int:
             "true_top_cause_true_ctf": max(improvement_true_ctf, key=improvement_true_ctf.get),
             "improvement": improvement,
             "improvement_true_ctf": improvement_true_ctf,
+            "improvement_true_ctf_error": spread,
+            "improvement_first_draw": first["estimated_ctf"],
+            "true_top_cause_first_draw": max(first["estimated_ctf"], key=first["estimated_ctf"].get),
+            # The truth's top cause leads the runner-up by ``lead`` (± ``lead_error`` over
+            # the draws); within two errors of a tie the truth does not decide.
+            "lead": lead,
+            "lead_error": lead_error,
             "gain": found.gain,
         })
     worst = {c: max(r["share_error"][c] for r in rows) for c in NOISE_CAUSES}
-    agree = sum(r["top_cause"] == r["true_top_cause"] for r in rows)
-    alone = sum(r["top_cause_own_spectrum"] == r["true_top_cause"] for r in rows)
-    agree_true_ctf = sum(r["top_cause"] == r["true_top_cause_true_ctf"] for r in rows)
-    alone_true_ctf = sum(r["top_cause_own_spectrum"] == r["true_top_cause_true_ctf"] for r in rows)
-    print(f"{args.count} simulated {args.size}² micrographs")
+
+    def agreeing(key, truth="true_top_cause", where=lambda r: True):
+        return sum(r[key] == r[truth] for r in rows if where(r)), sum(1 for r in rows if where(r))
+
+    print(f"{args.count} simulated {args.size}² micrographs, truth from {args.realizations} draw(s) of each")
     print("worst absolute share error: " + ", ".join(f"{c} {v:.3f}" for c, v in worst.items()))
-    print(f"top cause agrees with re-simulation on {agree} of {len(rows)} with the dataset's particle "
-          f"spectrum, {alone} of {len(rows)} from each micrograph's own spectrum")
-    print(f"  re-simulations restored with the true CTF: {agree_true_ctf} of {len(rows)} with the dataset's "
-          f"particle spectrum, {alone_true_ctf} of {len(rows)} from each micrograph's own spectrum")
+    print("top cause agrees with re-simulation on {} of {} with the dataset's particle spectrum, "
+          "{} of {} from each micrograph's own spectrum".format(*agreeing("top_cause"),
+                                                                *agreeing("top_cause_own_spectrum")))
+    print("  re-simulations restored with the true CTF: {} of {} with the dataset's particle spectrum, "
+          "{} of {} from each micrograph's own spectrum".format(
+              *agreeing("top_cause", "true_top_cause_true_ctf"),
+              *agreeing("top_cause_own_spectrum", "true_top_cause_true_ctf")))
+    if args.realizations > 1:
+        print("  against the first draw alone: {} of {}".format(*agreeing("top_cause", "true_top_cause_first_draw")))
+        print("  where the truth's lead is more than twice its standard error: {} of {}".format(
+            *agreeing("top_cause", where=lambda r: r["lead"] > 2 * r["lead_error"])))
     for r in rows:
         print(f"  {r['micrograph']:>2} (ice {r['ice_thickness_A']:4.0f} Å, {r['dose_e_per_A2']:2.0f} e/Å²): "
               f"predicted {r['top_cause']:<10} true {r['true_top_cause']:<10} "
               "gains predicted " + ", ".join(f"{c} {r['gain'][c]:+.3f}" for c in r["improvement"])
               + "; measured " + ", ".join(f"{c} {v:+.3f}" for c, v in r["improvement"].items())
               + "; true CTF " + ", ".join(f"{c} {v:+.3f}" for c, v in r["improvement_true_ctf"].items())
-              + f" (ice below 1/200 Å^-1 {r['ice_gain_below_200A']:+.3f})")
+              + f" (ice below 1/200 Å^-1 {r['ice_gain_below_200A']:+.3f}; lead {r['lead']:.3f}"
+              + f" ± {r['lead_error']:.3f})")
     write_json(args.json, rows)
     return 0
 
