@@ -261,6 +261,19 @@ def measurement_length(shape, n_shells: int) -> int:
     return len(_MEASURED_SCALARS) + 5 * _fit_shells(shape) + 2 * n_shells
 
 
+def _log_interp(x, xp, fp):
+    """``np.interp`` of the logarithm: between ring centres a power that falls by an order
+    of magnitude per ring (the gain estimate's error at the lowest frequencies) is not a
+    straight line; zeros stay zeros."""
+    fp = np.asarray(fp, np.float64)
+    positive = fp > 0
+    if not positive.any():
+        return np.zeros(np.shape(x))
+    tiny = 1e-300
+    out = np.exp(np.interp(x, xp, np.log(np.maximum(fp, tiny))))
+    return np.where(out > 1e3 * tiny, out, 0.0)
+
+
 def _fit_shells(shape) -> int:
     return max(16, min(shape) // 8)  # fit_signal_noise's default
 
@@ -297,7 +310,7 @@ def measure_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimat
             # The restoration divides by the estimate: what it leaves, per unit mean count.
             centres, pattern, error = smoothed.rings
             cycles = k * pixel_size_A
-            gain_error = np.interp(cycles, centres, error)
+            gain_error = _log_interp(cycles, centres, error)
             high = (centres > 0.55 * 0.5) & (centres < 0.95 * 0.5)
             gain_white = float(np.mean(pattern[high]))
             divided = True
