@@ -48,3 +48,38 @@ def test_kernel_benchmarks_time_against_the_floor_and_measure_peak_memory(tmp_pa
     # asv's names, for every kernel.
     assert all(hasattr(bench_kernels, f"{kind}_{name}") for name in bench_kernels.KERNELS
                for kind in ("time", "peakmem"))
+
+
+def test_cause_benchmark_takes_the_truth_as_the_mean_over_draws(tmp_path, capsys):
+    import numpy as np
+
+    from benchmarks import bench_causes
+
+    out = tmp_path / "causes.json"
+    assert bench_causes.main(["--count", "4", "--size", "256", "--realizations", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4
+    for row in rows:
+        gains = row["improvement"]
+        # The truth's top cause is the mean gains' best, and its lead over the runner-up
+        # is the mean's; the lead's error comes from two draws, so it is finite.
+        assert row["true_top_cause"] == max(gains, key=gains.get)
+        ranked = sorted(gains.values(), reverse=True)
+        assert np.isclose(row["lead"], ranked[0] - ranked[1])
+        assert np.isfinite(row["lead_error"]) and row["lead_error"] >= 0
+        assert set(row["improvement_true_ctf_error"]) == set(gains)
+    printed = capsys.readouterr().out
+    assert "truth from 2 draw(s)" in printed and "against the first draw alone" in printed
+
+
+def test_the_truths_lead_is_the_mean_of_each_draws_lead():
+    import pytest
+
+    from benchmarks.bench_causes import _margin, _mean_gains
+
+    draws = [{"ice": 0.03, "detector": 0.02, "artifacts": 0.0}, {"ice": 0.01, "detector": 0.02, "artifacts": 0.0}]
+    assert _mean_gains(draws) == pytest.approx({"ice": 0.02, "detector": 0.02, "artifacts": 0.0})
+    top, lead, error = _margin(draws)
+    assert top in ("ice", "detector") and abs(lead) < 1e-12
+    # The draws' leads of the mean's top cause are +0.01 and -0.01: a standard error of 0.01.
+    assert abs(error - 0.01) < 1e-12
