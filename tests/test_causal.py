@@ -247,3 +247,18 @@ def test_motion_and_coherence_envelope_follows_the_simulators_b_factor(tmp_path)
     residual = b - b_true
     residual = residual - np.median(residual)  # the node is relative to the dataset's envelope
     assert 1 / 3 < np.std(residual) / np.sqrt(np.mean(error**2)) < 3
+
+
+def test_the_gain_estimates_error_is_interpolated_between_rings_as_a_falling_power():
+    from cryodask.causal import _log_interp
+
+    rings = np.array([0.004, 0.012, 0.020, 0.028])
+    error = 100.0 * np.exp(-rings / 0.002)  # an order of magnitude and more per ring
+    between = np.array([0.008, 0.016, 0.024])
+    assert np.allclose(_log_interp(between, rings, error), 100.0 * np.exp(-between / 0.002), rtol=1e-9)
+    # Linearly the midpoints would come out several times too high.
+    assert np.all(np.interp(between, rings, error) > 2.5 * 100.0 * np.exp(-between / 0.002))
+    # Beyond the rings the ends are held; rings without error give none.
+    assert _log_interp([0.0, 0.1], rings, error) == pytest.approx([error[0], error[-1]])
+    assert np.all(_log_interp(between, rings, np.array([1.0, 0.0, 0.0, 1.0]))[1] == 0.0)
+    assert np.all(_log_interp(between, rings, np.zeros(4)) == 0.0)
