@@ -147,13 +147,15 @@ class Checkpoint:
         """Delete the folder (once the results are stored for good)."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def compute(self, name: str, lazy, also=()):
+    def compute(self, name: str, lazy, also=(), *, offset: int | None = None):
         """Compute ``lazy`` (a Dataset or DataArray along ``micrograph``), resuming.
 
         Dask-backed variables must have ``micrograph`` as their first dimension; they are
         computed one chunk of micrographs per task. Variables already in memory and the
         coordinates are taken as they are. ``also``: other Dask work (e.g. tasks that write
         files) computed in the same call, sharing the tasks it has in common with ``lazy``.
+        ``offset``: the index of ``lazy``'s first micrograph in the dataset, when it is one
+        batch of a pass (the files are named by the dataset's indices).
         """
         from cryodask import progress
 
@@ -162,13 +164,16 @@ class Checkpoint:
         os.makedirs(folder, exist_ok=True)
         parts = []
         if lazy_names:
-            paths = [os.path.join(folder, f"{a:07d}-{b:07d}.npz") for a, b in zip(bounds[:-1], bounds[1:])]
+            first = offset or 0
+            paths = [os.path.join(folder, f"{a + first:07d}-{b + first:07d}.npz")
+                     for a, b in zip(bounds[:-1], bounds[1:])]
             todo = [(i, p) for i, p in enumerate(paths) if not os.path.isfile(p)]
             done = int(bounds[-1]) - sum(int(bounds[i + 1] - bounds[i]) for i, _ in todo)
             if done:
-                self.resumed[name] = done
+                self.resumed[name] = self.resumed.get(name, 0) + done
                 if self.echo is not None:
-                    self.echo(f"{name}: {done} of {bounds[-1]} micrographs read back from {folder}")
+                    batch = "" if offset is None else f" (the batch from micrograph {first})"
+                    self.echo(f"{name}: {done} of {bounds[-1]} micrographs read back from {folder}{batch}")
             # One Delayed per chunk and variable over the unoptimised graph, so that the
             # variables of a chunk share their upstream tasks (optimising each separately
             # would rename, and so repeat, the work they have in common).

@@ -727,16 +727,12 @@ def _write_restored(block, paths, pixels):
     return written
 
 
-def _restore_writes(ds, work, ctf, out_dir, method):
-    """The tasks that restore and write the micrographs without a file in ``out_dir``: one
-    per chunk, over the graph as built, so that computed with the scoring pass they share
-    its reads, cleaning and CTF fits (an optimised copy would repeat them)."""
+def _restore_writes(ds, work, ctf, paths, method):
+    """The tasks that restore and write the micrographs without a file at their ``paths``:
+    one per chunk, over the graph as built, so that computed with the scoring pass they
+    share its reads, cleaning and CTF fits (an optimised copy would repeat them)."""
     import dask
 
-    from cryodask.io.export import output_paths
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths = output_paths(ds, out_dir)
     todo = np.asarray([i for i, path in enumerate(paths) if not os.path.isfile(path)], int)
     if todo.size == 0:
         return []
@@ -750,6 +746,73 @@ def _restore_writes(ds, work, ctf, out_dir, method):
             for block, a, b in zip(blocks, bounds[:-1], bounds[1:])]
 
 
+#: Micrographs per batch of :func:`score_dataset`'s second pass (whole chunks; at least one).
+#: The pass's graph holds ~100 tasks, ~0.1 MB, per micrograph once materialised; built for
+#: the whole dataset, it was what grew with the count (256² micrographs on threads: 0.25 GB
+#: peak for 16, 0.31 GB for 512).
+SECOND_PASS_BATCH = 128
+
+
+def second_pass_batches(ds: xr.Dataset, size: int | None = None) -> list:
+    """``(start, stop)`` of the batches of micrographs the second pass computes in turn:
+    whole chunks of ``image``, about ``size`` (:data:`SECOND_PASS_BATCH`) micrographs each."""
+    size = SECOND_PASS_BATCH if size is None else int(size)
+    if size < 1:
+        raise ValueError(f"batch size: expected at least 1 micrograph, got {size}")
+    n = ds.sizes["micrograph"]
+    chunks = ds["image"].chunks[0] if ds["image"].chunks is not None else (n,)
+    bounds, start, stop = [], 0, 0
+    for length in chunks:
+        stop += length
+        if stop - start >= size:
+            bounds.append((start, stop))
+            start = stop
+    if stop > start or not bounds:
+        bounds.append((start, stop))
+    return bounds
+
+
+def _prior_note(ds, prior, prior_window):
+    from cryodask.io.ctf_results import prior_defocus
+
+    centre = prior_defocus([str(name) for name in ds["micrograph_name"].values], prior)
+    return (f"{int(np.isfinite(centre).sum())} of {ds.sizes['micrograph']} micrographs searched within "
+            f"{prior_window:.0%} of a prior mean defocus")
+
+
+def _second_pass(ds, raw, offset, *, clean, gain_reference, defects, measured, known, search, ctf_prior,
+                 prior_window, prior, checkpoint, paths, restore_method):
+    """One batch of :func:`score_dataset`'s second pass, computed: the merged CTF, noise and
+    rule measurements of the micrographs of ``ds`` (``offset`` the first one's index in the
+    dataset), and the names of each group's variables. Writes the restored files at
+    ``paths`` (None: none)."""
+    from cryodask.checkpoint import compute_by_chunk
+    from cryodask.clean import clean_for_fitting
+
+    if clean:
+        work, exclude, extra = clean_for_fitting(ds, gain_reference=gain_reference, defects=defects,
+                                                 measured=measured)
+    else:
+        work, exclude, extra = raw, None, xr.Dataset()
+    ctf = xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude, prior=ctf_prior,
+                                         prior_window=prior_window), extra])
+    # The ΔRepro refit searches the whole range even where a prior confined the fit: a
+    # prior that forced a fit shows as irreproducible.
+    measurements = score_measurements(raw, work, ctf, exclude=exclude, search=search, defects=known)
+    noise = (noise_measurements(raw, ctf, gain_estimate=measured, defects=known) if prior
+             else noise_dataset(raw, ctf, gain_estimate=measured, defects=known))
+    # (Computed as a whole, Dask 2026.8's graph optimisation also loses a dependency of the
+    # CTF variables: "Missing dependency ('astype-…')".)
+    both = xr.merge([ctf, noise, measurements])
+    writes = [] if paths is None else _restore_writes(ds, work, ctf, paths, restore_method)
+    if checkpoint is not None:
+        both = checkpoint.compute("scoring", both, also=writes, offset=offset)
+    else:
+        both = compute_by_chunk(both, also=writes)
+    noise_names = [noise.name] if isinstance(noise, xr.DataArray) else list(noise.data_vars)
+    return both, list(ctf.data_vars), noise_names, list(measurements.data_vars)
+
+
 def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=None, weights=None,
                   gain_reference=None, defects=None, clean: bool = True, reference: dict | None = None,
                   particle_density_per_um2: float = 100.0, n_neighbours: int = 1, n_bootstrap: int = 32,
@@ -760,7 +823,8 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     Pass 1 finds the dataset's defects and gain (:func:`cryodask.clean.measure_defects`).
     Pass 2 reads each micrograph once and, in one task per chunk, cleans it in memory, fits
     its CTF, measures what the noise model needs (:func:`noise_measurements`) and what the
-    rules need (:func:`score_measurements`). Then, without the images: the noise decomposed
+    rules need (:func:`score_measurements`), a batch of micrographs at a time
+    (:func:`second_pass_batches`). Then, without the images: the noise decomposed
     under the dataset's priors (:func:`noise_dataset`), the reductions -- novelty over a
     faiss index, the prior's bootstrap stability -- and V and HyperScore
     (:mod:`cryodask.score`).
@@ -804,9 +868,9 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     library : dict
         The novelty library of this dataset (see :func:`cryodask.score.novelty`).
     """
-    from cryodask.checkpoint import compute_by_chunk
     from cryodask.causal import NOISE_CAUSES
-    from cryodask.clean import MIN_DATASET_MICROGRAPHS, clean_for_fitting
+    from cryodask.clean import MIN_DATASET_MICROGRAPHS
+    from cryodask.io.export import output_paths
     from cryodask.causal import dataset_quality, measured_spectrum
     from cryodask.score import (COMPONENTS, ICE_MEAN_FREE_PATH_A, RULES, RuleLimits, combine, default_weights,
                                 evaluate_rules, hyperscore, impact_forecast, logic_score, novelty,
@@ -819,36 +883,34 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     measured = None
     if clean and n >= MIN_DATASET_MICROGRAPHS:
         measured = _resumable_defects(ds, gain_reference, defects, checkpoint)
-    if clean:
-        work, exclude, extra = clean_for_fitting(ds, gain_reference=gain_reference, defects=defects,
-                                                 measured=measured)
-    else:
-        work, exclude, extra = raw, None, xr.Dataset()
-    ctf = xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude, prior=ctf_prior,
-                                         prior_window=prior_window), extra])
     known = defects if measured is None else measured.defects
-    gain_estimate = measured  # its gain, and what dividing by it leaves (cryodask.causal)
     prior = n >= MIN_DATASET_MICROGRAPHS
-    # The ΔRepro refit searches the whole range even where a prior confined the fit: a
-    # prior that forced a fit shows as irreproducible.
-    measurements = score_measurements(raw, work, ctf, exclude=exclude, search=search, defects=known)
-    noise = (noise_measurements(raw, ctf, gain_estimate=gain_estimate, defects=known) if prior
-             else noise_dataset(raw, ctf, gain_estimate=gain_estimate, defects=known))
+    paths = None
+    if restore_to is not None:
+        os.makedirs(restore_to, exist_ok=True)
+        paths = output_paths(ds, restore_to)  # checked across the whole dataset
     # The second pass: one task per chunk yields its CTF, noise and rule measurements (and
-    # writes its restored files), sharing the chunk's reads and cleaning; memory does not
-    # grow with the dataset. (Computed as a whole, Dask 2026.8's graph optimisation also
-    # loses a dependency of the CTF variables: "Missing dependency ('astype-…')".)
-    both = xr.merge([ctf, noise, measurements])
-    writes = [] if restore_to is None else _restore_writes(ds, work, ctf, restore_to, restore_method)
-    if checkpoint is not None:
-        both = checkpoint.compute("scoring", both, also=writes)
-    else:
-        both = compute_by_chunk(both, also=writes)
-    ctf, measurements = both[list(ctf.data_vars)], both[list(measurements.data_vars)]
+    # writes its restored files), sharing the chunk's reads and cleaning. Its graph, ~100
+    # tasks per micrograph, is built and computed a batch of micrographs at a time, so that
+    # neither it nor the memory that holds it grows with the dataset.
+    batches = []
+    for a, b in second_pass_batches(ds):
+        batches.append(_second_pass(ds.isel(micrograph=slice(a, b)), raw.isel(micrograph=slice(a, b)), a,
+                                    clean=clean, gain_reference=gain_reference, defects=defects,
+                                    measured=measured, known=known, search=search, ctf_prior=ctf_prior,
+                                    prior_window=prior_window, prior=prior, checkpoint=checkpoint,
+                                    paths=None if paths is None else paths[a:b], restore_method=restore_method))
+    ctf_names, noise_names, measurement_names = batches[0][1:]
+    both = batches[0][0] if len(batches) == 1 else xr.concat(
+        [part for part, *_ in batches], dim="micrograph", data_vars="minimal", coords="minimal",
+        compat="override", combine_attrs="drop_conflicts")
+    if ctf_prior is not None:
+        both.attrs["ctf_prior"] = _prior_note(ds, ctf_prior, prior_window)
+    ctf, measurements = both[ctf_names], both[measurement_names]
     if prior:
         noise = noise_dataset(raw, ctf, prior=True, measured=both["noise_measurement"].values)
     else:
-        noise = both[list(noise.data_vars)]
+        noise = both[noise_names]
     out = xr.merge([ctf, noise.drop_vars([v for v in noise.data_vars if v.startswith("band_share_")]),
                     measurements])
     shape = (ds.sizes["y"], ds.sizes["x"])

@@ -399,6 +399,7 @@ def _restored_count(ds, out_dir):
 def _restore(ds, config, paths, method, gain, known, echo):
     """Restore what the scoring pass did not (its scores were in the store already)."""
     from cryodask import progress
+    from cryodask.io.export import output_paths
     from cryodask.pipeline import _restore_writes
 
     out_dir = paths["restored"]
@@ -413,7 +414,8 @@ def _restore(ds, config, paths, method, gain, known, echo):
         else:
             work = ds
         # Each file is written under a temporary name and renamed: a file that exists is whole.
-        progress.compute(*_restore_writes(ds, work, ds, out_dir, method))
+        os.makedirs(out_dir, exist_ok=True)
+        progress.compute(*_restore_writes(ds, work, ds, output_paths(ds, out_dir), method))
         echo(f"restored {n - done} micrographs ({method}) -> {out_dir}/ ({time.perf_counter() - t:.1f} s)"
              + (f"; {done} were done already" if done else ""))
     else:

@@ -317,3 +317,47 @@ def test_information_is_counted_to_the_fit_band_edge_where_no_rings_showed():
     assert out[0] == 8.0 and out[1] == 40.0 and np.isnan(out[2])
     del ctf["ctf_fit_resolution_A"].attrs["fit_band_low_A"]  # a store written without it: the default band
     assert float(_information_resolution(ctf)[1]) == 30.0
+
+
+def test_the_second_pass_in_batches_gives_what_it_gives_whole(sim_dir, tmp_path, monkeypatch):
+    # Built and computed a batch of micrographs at a time (its graph does not grow with the
+    # dataset), the second pass must give every score and restored pixel it gives whole.
+    import dask
+    import mrcfile
+
+    from cryodask import pipeline
+    from cryodask.ingest import ingest
+
+    ds = ingest(str(sim_dir / "*.mrc"), str(tmp_path / "s.zarr"))
+    n = ds.sizes["micrograph"]
+    assert pipeline.second_pass_batches(ds) == [(0, n)]
+    assert pipeline.second_pass_batches(ds, 3) == [(0, 3), (3, n)]
+    assert pipeline.second_pass_batches(ds, 1) == [(i, i + 1) for i in range(n)]
+    with pytest.raises(ValueError, match="at least 1"):
+        pipeline.second_pass_batches(ds, 0)
+    results = {}
+    for size in (pipeline.SECOND_PASS_BATCH, 1):
+        monkeypatch.setattr(pipeline, "SECOND_PASS_BATCH", size)
+        calls = []
+        original = pipeline._second_pass
+        monkeypatch.setattr(pipeline, "_second_pass", lambda *a, **k: calls.append(1) or original(*a, **k))
+        with dask.config.set(scheduler="threads"):
+            scores, _ = pipeline.score_dataset(ds, restore_to=str(tmp_path / f"restored{size}"))
+        monkeypatch.setattr(pipeline, "_second_pass", original)
+        assert len(calls) == (1 if size > 1 else n)
+        restored = []
+        for path in sorted((tmp_path / f"restored{size}").glob("*.mrc")):
+            with mrcfile.open(path) as mrc:
+                restored.append(mrc.data.copy())
+        results[size] = scores, restored
+    (whole, whole_files), (batched, batched_files) = results.values()
+    assert sorted(whole.data_vars) == sorted(batched.data_vars)
+    for name in whole.data_vars:
+        a, b = np.asarray(whole[name]), np.asarray(batched[name])
+        if a.dtype.kind in "fc":
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            assert a.tolist() == b.tolist(), name
+    assert len(whole_files) == len(batched_files) == n
+    for a, b in zip(whole_files, batched_files):
+        np.testing.assert_array_equal(a, b)
