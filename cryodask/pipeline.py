@@ -201,9 +201,12 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
     out["ctf_fit_resolution_A"].attrs["fit_band_low_A"] = float(search.min_resolution_A)
     out.attrs["ctf_search"] = repr(search)
     if prior is not None:
-        out.attrs["ctf_prior"] = (f"{n_prior} of {n} micrographs searched within "
-                                  f"{prior_window:.0%} of a prior mean defocus")
+        out.attrs["ctf_prior"] = _prior_message(n_prior, n, prior_window)
     return out
+
+
+def _prior_message(n_prior, n, prior_window):
+    return f"{n_prior} of {n} micrographs searched within {prior_window:.0%} of a prior mean defocus"
 
 
 def _regions_block(images, *, tile_px):
@@ -749,7 +752,7 @@ def _restore_writes(ds, work, ctf, paths, method):
 #: Micrographs per batch of :func:`score_dataset`'s second pass (whole chunks; at least one).
 #: The pass's graph holds ~100 tasks, ~0.1 MB, per micrograph once materialised; built for
 #: the whole dataset, it was what grew with the count (256² micrographs on threads: 0.25 GB
-#: peak for 16, 0.31 GB for 512).
+#: peak for 16, 0.31 GB for 512; in batches, 0.25 and 0.26 GB).
 SECOND_PASS_BATCH = 128
 
 
@@ -773,11 +776,11 @@ def second_pass_batches(ds: xr.Dataset, size: int | None = None) -> list:
 
 
 def _prior_note(ds, prior, prior_window):
+    """The CTF prior's note (:func:`estimate_ctf_dataset`) for the whole of ``ds``."""
     from cryodask.io.ctf_results import prior_defocus
 
     centre = prior_defocus([str(name) for name in ds["micrograph_name"].values], prior)
-    return (f"{int(np.isfinite(centre).sum())} of {ds.sizes['micrograph']} micrographs searched within "
-            f"{prior_window:.0%} of a prior mean defocus")
+    return _prior_message(int(np.isfinite(centre).sum()), ds.sizes["micrograph"], prior_window)
 
 
 def _second_pass(ds, raw, offset, *, clean, gain_reference, defects, measured, known, search, ctf_prior,

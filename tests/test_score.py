@@ -335,6 +335,9 @@ def test_the_second_pass_in_batches_gives_what_it_gives_whole(sim_dir, tmp_path,
     assert pipeline.second_pass_batches(ds, 1) == [(i, i + 1) for i in range(n)]
     with pytest.raises(ValueError, match="at least 1"):
         pipeline.second_pass_batches(ds, 0)
+    # Earlier CTF results for two of the micrographs: the note counts them over all batches.
+    prior = pd.DataFrame({"micrograph_name": [str(v) for v in ds["micrograph_name"].values[:2]],
+                          "defocus_u_A": [15500.0, 15500.0], "defocus_v_A": [14500.0, 14500.0]})
     results = {}
     for size in (pipeline.SECOND_PASS_BATCH, 1):
         monkeypatch.setattr(pipeline, "SECOND_PASS_BATCH", size)
@@ -342,8 +345,9 @@ def test_the_second_pass_in_batches_gives_what_it_gives_whole(sim_dir, tmp_path,
         original = pipeline._second_pass
         monkeypatch.setattr(pipeline, "_second_pass", lambda *a, **k: calls.append(1) or original(*a, **k))
         with dask.config.set(scheduler="threads"):
-            scores, _ = pipeline.score_dataset(ds, restore_to=str(tmp_path / f"restored{size}"))
+            scores, _ = pipeline.score_dataset(ds, restore_to=str(tmp_path / f"restored{size}"), ctf_prior=prior)
         monkeypatch.setattr(pipeline, "_second_pass", original)
+        assert scores.attrs["ctf_prior"].startswith(f"2 of {n} micrographs searched within")
         assert len(calls) == (1 if size > 1 else n)
         restored = []
         for path in sorted((tmp_path / f"restored{size}").glob("*.mrc")):
