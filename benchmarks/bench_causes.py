@@ -167,7 +167,7 @@ def main(argv=None) -> int:
             "micrograph": i,
             "ice_thickness_A": params.ice_thickness_A,
             "dose_e_per_A2": params.dose_e_per_A2,
-            # How much of the ice's gain (true CTF) lies below 1/200 Å^-1.
+            # How much of the ice's gain (true CTF, first draw) lies below 1/200 Å^-1.
             "ice_gain_below_200A": first["ice_below_200A"],
             "share_error": {c: abs(found.shares[c] - truth[c] / total) for c in NOISE_CAUSES},
             "top_cause": found.top_cause,
