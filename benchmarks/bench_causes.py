@@ -13,8 +13,9 @@ defect map -- both from a first pass over all the micrographs; own CTF; Wiener) 
 which gains the most correlation with the CTF-free truth.
 
 One draw of a micrograph's noise and particles is one sample of that truth: the gains of
-ice and detector scatter by 0.002-0.015 between draws of the same parameters, more than
-the lead of one over the other on many micrographs. The truth is therefore the mean gain
+ice and detector scatter by 0.001-0.027 between draws of the same parameters (standard
+deviations over four draws of 60 micrographs), more than the lead of one over the other
+on many micrographs. The truth is therefore the mean gain
 over ``--realizations`` draws (the first the micrograph measured), each against its own
 re-simulations; agreement is also reported against the first draw alone and on the
 micrographs whose truth is decided (its top cause leads by more than twice that lead's
