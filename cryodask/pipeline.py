@@ -193,6 +193,11 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
         kwargs={"search": search, "clip_sigma": clip_sigma, "prior_window": prior_window},
         keep_attrs=False,
     )
+    return _ctf_variables(result, search, None if prior is None else _prior_message(n_prior, n, prior_window))
+
+
+def _ctf_variables(result: xr.DataArray, search: CTFSearch, prior_note: str | None) -> xr.Dataset:
+    """The CTF variables from the fields of :func:`_ctf_block` (dimension ``ctf_field``)."""
     out = xr.Dataset()
     for i, (name, units) in enumerate(CTF_VARIABLES.items()):
         values = result.isel(ctf_field=i, drop=True)
@@ -200,8 +205,8 @@ def estimate_ctf_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(),
         out[name] = values.assign_attrs(units=units)
     out["ctf_fit_resolution_A"].attrs["fit_band_low_A"] = float(search.min_resolution_A)
     out.attrs["ctf_search"] = repr(search)
-    if prior is not None:
-        out.attrs["ctf_prior"] = _prior_message(n_prior, n, prior_window)
+    if prior_note is not None:
+        out.attrs["ctf_prior"] = prior_note
     return out
 
 
@@ -499,8 +504,8 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         Keeps the measurements (with ``prior``) per micrograph as they complete, and reads
         back those of an interrupted run.
     measured : (micrograph, field) array, optional
-        With ``prior``: the computed :func:`noise_measurements` (same ``uncertainty``),
-        which then are not measured again.
+        The computed :func:`noise_measurements` (same ``uncertainty``), which then are not
+        measured again; the result is then in memory, not lazy.
 
     Returns
     -------
@@ -526,7 +531,8 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
     priors = {}
     spectrum = None
     first_shell = first_param + 7
-    if not prior:
+    coords = {"micrograph": ds["micrograph"]} if "micrograph" in ds.coords else {}
+    if not prior and measured is None:
         result = _noise_fields(ds, ctf, gain, known, unfixed, unfixed, uncertainty=uncertainty)
     else:
         # One pass reads the images; the decompositions, first alone and then under the
@@ -547,7 +553,11 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         inputs = [np.asarray(v) for v in _noise_inputs(ds, ctf)]
         ctf_rows = np.stack(inputs[:7], axis=1)
         resolution = np.asarray(_information_resolution(ctf), np.float64)
-        alone = _explain_rows(measured, ctf_rows, resolution, unfixed, unfixed, length)
+        alone = _explain_rows(measured, ctf_rows, resolution, unfixed, unfixed, length,
+                              uncertainty=uncertainty and not prior)
+    if not prior and measured is not None:
+        result = xr.DataArray(alone, dims=("micrograph", "noise_field"), coords=coords)
+    elif prior:
         values = alone[:, first_param:first_param + 4]
         shells = alone[:, first_shell:first_shell + 2 * N_SHELLS].reshape(n_micrographs, 2, N_SHELLS)
         edges = np.linspace(0.0, 0.5 / float(np.max(np.asarray(ds["pixel_size_A"]))), N_SHELLS + 1)
@@ -569,7 +579,6 @@ def noise_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, gain_estimate=None, defect
         rows = _explain_rows(measured, ctf_rows, resolution, *fixed, length,
                              particle_power=(centres, spectrum, spectrum_error),
                              uncertainty=uncertainty)
-        coords = {"micrograph": ds["micrograph"]} if "micrograph" in ds.coords else {}
         result = xr.DataArray(rows, dims=("micrograph", "noise_field"), coords=coords)
     out = xr.Dataset()
     total = result.isel(noise_field=slice(0, n)).sum("noise_field")
@@ -681,6 +690,15 @@ def score_measurements(raw: xr.Dataset, work: xr.Dataset, ctf: xr.Dataset, *, ex
         dask_gufunc_kwargs={"output_sizes": {"measure_field": n + len(descriptor_k)}},
         kwargs={"search": search, "defects": known, "descriptor_k": np.asarray(descriptor_k)},
         keep_attrs=False)
+    return _measurement_variables(result, descriptor_k)
+
+
+def _measurement_variables(result: xr.DataArray, descriptor_k) -> xr.Dataset:
+    """The variables of :func:`score_measurements` from the fields of :func:`_measure_block`
+    (dimension ``measure_field``)."""
+    from cryodask.score import MEASUREMENTS
+
+    n = len(MEASUREMENTS)
     out = xr.Dataset({name: result.isel(measure_field=i, drop=True) for i, name in enumerate(MEASUREMENTS)})
     out["descriptor"] = result.isel(measure_field=slice(n, None)).rename(measure_field="descriptor_k").astype(
         np.float32)
@@ -783,37 +801,192 @@ def _prior_note(ds, prior, prior_window):
     return _prior_message(int(np.isfinite(centre).sum()), ds.sizes["micrograph"], prior_window)
 
 
-def _second_pass(ds, raw, offset, *, clean, gain_reference, defects, measured, known, search, ctf_prior,
-                 prior_window, prior, checkpoint, paths, restore_method):
-    """One batch of :func:`score_dataset`'s second pass, computed: the merged CTF, noise and
-    rule measurements of the micrographs of ``ds`` (``offset`` the first one's index in the
-    dataset), and the names of each group's variables. Writes the restored files at
-    ``paths`` (None: none)."""
-    from cryodask.checkpoint import compute_by_chunk
-    from cryodask.clean import clean_for_fitting
+#: The per-micrograph numbers each task of the second pass takes, in this order.
+_PASS_SCALARS = ("index", "pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast", "dose_e_per_A2",
+                 "prior_defocus_A")
 
-    if clean:
-        work, exclude, extra = clean_for_fitting(ds, gain_reference=gain_reference, defects=defects,
-                                                 measured=measured)
-    else:
-        work, exclude, extra = raw, None, xr.Dataset()
-    ctf = xr.merge([estimate_ctf_dataset(work, search=search, exclude=exclude, prior=ctf_prior,
-                                         prior_window=prior_window), extra])
-    # The ΔRepro refit searches the whole range even where a prior confined the fit: a
-    # prior that forced a fit shows as irreproducible.
-    measurements = score_measurements(raw, work, ctf, exclude=exclude, search=search, defects=known)
-    noise = (noise_measurements(raw, ctf, gain_estimate=measured, defects=known) if prior
-             else noise_dataset(raw, ctf, gain_estimate=measured, defects=known))
-    # (Computed as a whole, Dask 2026.8's graph optimisation also loses a dependency of the
-    # CTF variables: "Missing dependency ('astype-…')".)
-    both = xr.merge([ctf, noise, measurements])
-    writes = [] if paths is None else _restore_writes(ds, work, ctf, paths, restore_method)
+
+def _pass_layout(clean: bool, n_descriptor: int, length: int) -> tuple[dict, int]:
+    """Where each group of fields lies in a row of :func:`_second_pass_block`, and the row's
+    length: the CTF (:data:`CTF_VARIABLES`), with cleaning the artifact counts and region
+    fractions, the rule measurements with the descriptor (:func:`_measure_block`), the
+    noise measurement (:func:`_measure_noise_block`)."""
+    from cryodask.regions import REGION_CODES
+    from cryodask.score import MEASUREMENTS
+
+    sizes = {"ctf": len(CTF_VARIABLES), "extra": 3 + len(REGION_CODES) if clean else 0,
+             "measure": len(MEASUREMENTS) + n_descriptor, "noise": length}
+    layout, start = {}, 0
+    for name, size in sizes.items():
+        layout[name] = slice(start, start + size)
+        start += size
+    return layout, start
+
+
+@dataclasses.dataclass(frozen=True)
+class _PassConstants:
+    """What every task of the second pass shares, as one object: the user's gain reference
+    (None: none), the divisor (the dataset's gain estimate, or ones), the defects (uint8;
+    empty: none) and the noise model's smoothed gain (:func:`cryodask.causal.smooth_gain_pattern`;
+    empty: none). One object, pickled whole to worker processes: the smoothed gain is an
+    array subclass whose rings the array serialiser of ``distributed`` would drop."""
+
+    gain_reference: np.ndarray | None
+    divisor: np.ndarray
+    known: np.ndarray
+    smoothed_gain: np.ndarray
+
+
+def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, clean, seed, search, prior_window,
+                       descriptor_k, shell_edges, length, restore_method, ctf_rows=None):
+    """The second pass over one chunk of micrographs, in one task: each micrograph cleaned
+    in memory (gain reference, gain estimate, impulses and defects), its regions, its CTF
+    fit, the rules' measurements and the noise model's, and its restored file written (at
+    ``paths``, when given, unless there already). Returns a row of fields per micrograph
+    (:func:`_pass_layout`).
+
+    The CTF reaches the later kernels rounded to float32, as the stored CTF variables are.
+    With ``ctf_rows`` (defocus u, v, angle and phase shift per micrograph, already fitted)
+    only the cleaning and the restoration run, and nothing is returned.
+    """
+    from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY
+    from cryodask.clean import _clean_block
+    from cryodask.regions import CONTAMINATION, REGION_CODES, VACUUM, classify_regions
+
+    layout, n_fields = _pass_layout(clean, len(descriptor_k), length)
+    out = np.full((images.shape[0], n_fields), np.nan)
+    shape = images.shape[1:]
+    gain_reference, divisor, known = constants.gain_reference, constants.divisor, constants.known
+    multiply = np.ones(shape, np.float32) if gain_reference is None else gain_reference
+    known_f = known.astype(np.float32) if known.ndim == 2 else np.zeros(shape, np.float32)
+    defects = known > 0 if known.ndim == 2 else np.zeros(0)
+    no_exclusion = np.zeros(1, bool)
+    for i in range(images.shape[0]):
+        index, pixel, voltage, cs, ac, dose, centre = (scalars[i, j:j + 1] for j in range(len(_PASS_SCALARS)))
+        image = images[i:i + 1]
+        raw = image if gain_reference is None else image * gain_reference
+        if clean:
+            both = _clean_block(image, multiply[None], divisor[None], known_f[None], index, seed=seed)[0]
+            work, mask = both[0][None], both[1].astype(np.uint8)
+        else:
+            work, exclude = raw, no_exclusion
+        if ctf_rows is None:
+            if clean:
+                regions = classify_regions(work[0]).mask  # regions_dataset's tiles
+                exclude = np.isin(regions, (VACUUM, CONTAMINATION))[None]
+                out[i, layout["extra"]] = ([np.count_nonzero(mask == code) for code in (HOT_PIXEL, XRAY, DEFECT)]
+                                           + [np.mean(regions == code) for code in REGION_CODES])
+            fit = _ctf_block(work, pixel, voltage, cs, ac, exclude, centre, search=search, clip_sigma=6.0,
+                             prior_window=prior_window)[0]
+            out[i, layout["ctf"]] = fit
+            u, v, angle, phase = (fit[j:j + 1].astype(np.float32).astype(np.float64) for j in (0, 1, 2, 3))
+            # The ΔRepro refit searches the whole range even where a prior confined the fit:
+            # a prior that forced a fit shows as irreproducible.
+            out[i, layout["measure"]] = _measure_block(raw, work, exclude, u, v, angle, voltage, cs, ac, phase,
+                                                       pixel, search=search, defects=defects,
+                                                       descriptor_k=descriptor_k)[0]
+            out[i, layout["noise"]] = _measure_noise_block(raw, u, v, angle, voltage, cs, ac, phase, pixel, dose,
+                                                           constants.smoothed_gain, known, shell_edges, length)[0]
+        else:
+            u, v, angle, phase = (ctf_rows[i, j:j + 1] for j in range(4))
+        if paths is not None and not os.path.isfile(paths[i]):
+            restored = _restore_block(work, u, v, angle, voltage, cs, ac, phase, pixel, method=restore_method)
+            _write_restored(restored, paths[i:i + 1], pixel)
+    return out if ctf_rows is None else np.zeros((images.shape[0], 0))
+
+
+def _second_pass(ds, first, scalars, shared, *, clean, seed, search, prior_window, descriptor_k, shell_edges,
+                 length, checkpoint, paths, restore_method):
+    """One batch of :func:`score_dataset`'s second pass (``ds`` holds its micrographs, the
+    first being the dataset's ``first``), computed one task per chunk
+    (:func:`_second_pass_block`): its fields (micrograph, pass_field). ``shared``: the
+    :class:`_PassConstants` as one Delayed, one key for every task. Writes the restored files at ``paths`` (None: none)."""
+    import dask
+    import dask.array as da
+
+    from cryodask.checkpoint import compute_by_chunk
+
+    n_fields = _pass_layout(clean, len(descriptor_k), length)[1]
+    image = ds["image"].data
+    options = dict(clean=clean, seed=seed, search=search, prior_window=prior_window, descriptor_k=descriptor_k,
+                   shell_edges=shell_edges, length=length, restore_method=restore_method)
+    bounds = np.concatenate([[0], np.cumsum(image.chunks[0])]).astype(int)
+    blocks = image.to_delayed().ravel()
+    tasks = []
+    for block, a, b in zip(blocks, bounds[:-1], bounds[1:]):
+        task = dask.delayed(_second_pass_block, pure=True)(
+            block, scalars[first + a:first + b], None if paths is None else paths[a:b], shared, **options)
+        tasks.append(da.from_delayed(task, shape=(b - a, n_fields), dtype=np.float64))
+    fields = xr.DataArray(da.concatenate(tasks), dims=("micrograph", "pass_field"),
+                          coords={"micrograph": ds["micrograph"]} if "micrograph" in ds.coords else {})
     if checkpoint is not None:
-        both = checkpoint.compute("scoring", both, also=writes, offset=offset)
+        fields = checkpoint.compute("second_pass", fields, offset=first)
     else:
-        both = compute_by_chunk(both, also=writes)
-    noise_names = [noise.name] if isinstance(noise, xr.DataArray) else list(noise.data_vars)
-    return both, list(ctf.data_vars), noise_names, list(measurements.data_vars)
+        fields = compute_by_chunk(fields)
+    if paths is not None:
+        # A chunk read back from the checkpoint wrote its files before it was saved; a file
+        # missing since is restored again from the fitted CTF, without refitting.
+        missing = np.asarray([i for i, path in enumerate(paths) if not os.path.isfile(path)], int)
+        if missing.size:
+            values = np.asarray(fields)[missing][:, [0, 1, 2, 3]].astype(np.float32).astype(np.float64)
+            image = ds["image"].data[missing]
+            rows = scalars[first + missing]
+            dask.compute([dask.delayed(_second_pass_block, pure=False)(
+                image[i:i + 1], rows[i:i + 1], [paths[j]], shared, ctf_rows=values[i:i + 1], **options)
+                for i, j in enumerate(missing)])
+    return fields
+
+
+def _pass_inputs(ds, gain_reference, known, measured, clean, ctf_prior):
+    """What every task of the second pass shares (:class:`_PassConstants`, one Delayed) and
+    the per-micrograph numbers (:data:`_PASS_SCALARS`, one row each) for the whole dataset."""
+    import dask
+
+    from cryodask.causal import smooth_gain_pattern
+    from cryodask.clean import MIN_GAIN_MICROGRAPHS
+
+    n = ds.sizes["micrograph"]
+    shape = (ds.sizes["y"], ds.sizes["x"])
+    gain = None if gain_reference is None else np.asarray(gain_reference, np.float32)
+    known = np.zeros(0, np.uint8) if known is None else np.asarray(known, np.uint8)
+    for name, arr in (("gain_reference", gain), ("defects", known)):
+        if arr is not None and arr.ndim == 2 and arr.shape != shape:
+            raise ValueError(f"{name} has shape {arr.shape}; the micrographs are {shape}")
+    # The gain estimate divides every micrograph of a dataset large enough to have one.
+    applied = clean and measured is not None and n >= MIN_GAIN_MICROGRAPHS
+    divisor = np.asarray(measured.gain, np.float32) if applied else np.ones(shape, np.float32)
+    smoothed = np.zeros(0) if measured is None else smooth_gain_pattern(measured)
+    shared = dask.delayed(_PassConstants(gain, divisor, known, smoothed), pure=True)
+    if ctf_prior is None:
+        centre = np.full(n, np.nan)
+    else:
+        from cryodask.io.ctf_results import prior_defocus
+
+        centre = prior_defocus([str(name) for name in ds["micrograph_name"].values], ctf_prior)
+    dose = np.asarray(ds["dose_e_per_A2"], np.float64) if "dose_e_per_A2" in ds else np.full(n, np.nan)
+    columns = [np.arange(n, dtype=np.float64)] + [np.asarray(ds[name], np.float64) for name in _PASS_SCALARS[1:5]]
+    scalars = np.stack(columns + [dose, np.asarray(centre, np.float64)], axis=1)
+    return shared, scalars
+
+
+def _pass_results(fields, ds, *, clean, search, descriptor_k, length):
+    """The CTF (with the artifact counts and region fractions), the rule measurements and
+    the noise measurement vectors from the second pass's fields."""
+    from cryodask.regions import REGION_CODES
+
+    layout, _ = _pass_layout(clean, len(descriptor_k), length)
+    fields = xr.DataArray(np.asarray(fields), dims=("micrograph", "pass_field"),
+                          coords={"micrograph": ds["micrograph"]} if "micrograph" in ds.coords else {})
+    ctf = _ctf_variables(fields.isel(pass_field=layout["ctf"]).rename(pass_field="ctf_field"), search, None)
+    if clean:
+        extra = fields.isel(pass_field=layout["extra"])
+        for j, name in enumerate(("n_hot_pixels", "n_xray_pixels", "n_defect_pixels")):
+            ctf[name] = extra.isel(pass_field=j, drop=True).astype(np.int32)
+        for j, name in enumerate(REGION_CODES.values()):
+            ctf[f"region_fraction_{name}"] = extra.isel(pass_field=3 + j, drop=True).astype(np.float32)
+    measurements = _measurement_variables(
+        fields.isel(pass_field=layout["measure"]).rename(pass_field="measure_field"), descriptor_k)
+    return ctf, measurements, np.asarray(fields.isel(pass_field=layout["noise"]))
 
 
 def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=None, weights=None,
@@ -871,10 +1044,9 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     library : dict
         The novelty library of this dataset (see :func:`cryodask.score.novelty`).
     """
-    from cryodask.causal import NOISE_CAUSES
+    from cryodask.causal import NOISE_CAUSES, dataset_quality, measured_spectrum, measurement_length
     from cryodask.clean import MIN_DATASET_MICROGRAPHS
     from cryodask.io.export import output_paths
-    from cryodask.causal import dataset_quality, measured_spectrum
     from cryodask.score import (COMPONENTS, ICE_MEAN_FREE_PATH_A, RULES, RuleLimits, combine, default_weights,
                                 evaluate_rules, hyperscore, impact_forecast, logic_score, novelty,
                                 prior_stability)
@@ -892,28 +1064,25 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     if restore_to is not None:
         os.makedirs(restore_to, exist_ok=True)
         paths = output_paths(ds, restore_to)  # checked across the whole dataset
-    # The second pass: one task per chunk yields its CTF, noise and rule measurements (and
-    # writes its restored files), sharing the chunk's reads and cleaning. Its graph, ~100
-    # tasks per micrograph, is built and computed a batch of micrographs at a time, so that
-    # neither it nor the memory that holds it grows with the dataset.
-    batches = []
-    for a, b in second_pass_batches(ds):
-        batches.append(_second_pass(ds.isel(micrograph=slice(a, b)), raw.isel(micrograph=slice(a, b)), a,
-                                    clean=clean, gain_reference=gain_reference, defects=defects,
-                                    measured=measured, known=known, search=search, ctf_prior=ctf_prior,
-                                    prior_window=prior_window, prior=prior, checkpoint=checkpoint,
-                                    paths=None if paths is None else paths[a:b], restore_method=restore_method))
-    ctf_names, noise_names, measurement_names = batches[0][1:]
-    both = batches[0][0] if len(batches) == 1 else xr.concat(
-        [part for part, *_ in batches], dim="micrograph", data_vars="minimal", coords="minimal",
-        compat="override", combine_attrs="drop_conflicts")
+    shared, scalars = _pass_inputs(ds, gain_reference, known, measured, clean, ctf_prior)
+    finest = 0.5 / float(np.max(np.asarray(ds["pixel_size_A"])))
+    options = dict(clean=clean, search=search, prior_window=prior_window, restore_method=restore_method,
+                   seed=0,  # the fill noise's, as clean_dataset's default
+                   descriptor_k=np.geomspace(1.0 / 100.0, 0.9 * finest, 24),
+                   shell_edges=np.linspace(0.0, finest, N_SHELLS + 1),
+                   length=measurement_length(ds["image"].shape[1:], N_SHELLS))
+    # The second pass: one task per chunk of micrographs reads them, cleans them in memory,
+    # fits their CTF, measures for the rules and the noise model and writes their restored
+    # files; a batch of micrographs at a time, so that the results in flight stay bounded.
+    parts = [_second_pass(ds.isel(micrograph=slice(a, b)), a, scalars, shared, checkpoint=checkpoint,
+                          paths=None if paths is None else paths[a:b], **options)
+             for a, b in second_pass_batches(ds)]
+    fields = np.concatenate([np.asarray(part) for part in parts])
+    ctf, measurements, vectors = _pass_results(fields, ds, clean=clean, search=search,
+                                               descriptor_k=options["descriptor_k"], length=options["length"])
     if ctf_prior is not None:
-        both.attrs["ctf_prior"] = _prior_note(ds, ctf_prior, prior_window)
-    ctf, measurements = both[ctf_names], both[measurement_names]
-    if prior:
-        noise = noise_dataset(raw, ctf, prior=True, measured=both["noise_measurement"].values)
-    else:
-        noise = both[noise_names]
+        ctf.attrs["ctf_prior"] = _prior_note(ds, ctf_prior, prior_window)
+    noise = noise_dataset(raw, ctf, prior=prior, measured=vectors)
     out = xr.merge([ctf, noise.drop_vars([v for v in noise.data_vars if v.startswith("band_share_")]),
                     measurements])
     shape = (ds.sizes["y"], ds.sizes["x"])

@@ -107,7 +107,7 @@ def test_a_killed_run_resumes_its_scoring_micrograph_by_micrograph(tmp_path, cap
     partial = tmp_path / "cut" / "scoring.partial"
 
     def kept_chunks():  # whole files only, not one being written (``*.partial.npz``)
-        return [p for p in (partial / "scoring").glob("*.npz") if not p.name.endswith(".partial.npz")]
+        return [p for p in (partial / "second_pass").glob("*.npz") if not p.name.endswith(".partial.npz")]
 
     process = subprocess.Popen([sys.executable, "-m", "cryodask.cli", "run", str(tmp_path / "cut.yaml")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -129,7 +129,7 @@ def test_a_killed_run_resumes_its_scoring_micrograph_by_micrograph(tmp_path, cap
     assert "resuming from" in capsys.readouterr().out
     assert main(["run", str(tmp_path / "cut.yaml")]) == 0
     text = capsys.readouterr().out
-    resumed = re.search(r"scoring: (\d) of 6 micrographs read back", text)
+    resumed = re.search(r"second_pass: (\d) of 6 micrographs read back", text)
     assert resumed and int(resumed.group(1)) >= 1, text
     assert "dataset defects and gain read back" in text
     assert not partial.exists()
