@@ -777,11 +777,17 @@ SECOND_PASS_BATCH = 128
 def second_pass_batches(ds: xr.Dataset, size: int | None = None) -> list:
     """``(start, stop)`` of the batches of micrographs the second pass computes in turn:
     whole chunks of ``image``, about ``size`` (:data:`SECOND_PASS_BATCH`) micrographs each."""
-    size = SECOND_PASS_BATCH if size is None else int(size)
+    n = ds.sizes["micrograph"]
+    return whole_chunks(ds["image"].chunks[0] if ds["image"].chunks is not None else (n,),
+                        SECOND_PASS_BATCH if size is None else size)
+
+
+def whole_chunks(chunks, size: int) -> list:
+    """``(start, stop)`` of consecutive groups of whole ``chunks`` (their lengths), each at
+    least ``size`` long but the last."""
+    size = int(size)
     if size < 1:
         raise ValueError(f"batch size: expected at least 1 micrograph, got {size}")
-    n = ds.sizes["micrograph"]
-    chunks = ds["image"].chunks[0] if ds["image"].chunks is not None else (n,)
     bounds, start, stop = [], 0, 0
     for length in chunks:
         stop += length
@@ -997,10 +1003,11 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     """Score every micrograph (computes: two passes over the dataset).
 
     Pass 1 finds the dataset's defects and gain (:func:`cryodask.clean.measure_defects`).
-    Pass 2 reads each micrograph once and, in one task per chunk, cleans it in memory, fits
-    its CTF, measures what the noise model needs (:func:`noise_measurements`) and what the
-    rules need (:func:`score_measurements`), a batch of micrographs at a time
-    (:func:`second_pass_batches`). Then, without the images: the noise decomposed
+    Pass 2 reads each micrograph once and, in one task per chunk of micrographs, cleans it
+    in memory, finds its regions, fits its CTF, measures what the rules need (as
+    :func:`score_measurements`) and what the noise model needs (as
+    :func:`noise_measurements`) and writes its restored file, a batch of micrographs at a
+    time (:func:`second_pass_batches`). Then, without the images: the noise decomposed
     under the dataset's priors (:func:`noise_dataset`), the reductions -- novelty over a
     faiss index, the prior's bootstrap stability -- and V and HyperScore
     (:mod:`cryodask.score`).

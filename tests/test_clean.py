@@ -39,6 +39,29 @@ def test_clean_dataset_finds_what_the_simulator_put_in(dirty, tmp_path):
     assert out["gain_estimate"].attrs["applied"] == 1
 
 
+def test_the_dataset_pass_in_groups_finds_what_it_finds_whole(dirty, tmp_path, monkeypatch):
+    # Computed a group of micrographs at a time (what it holds does not grow with the
+    # dataset), the dataset pass must find the same defects and gain as summed in one tree.
+    from cryodask import clean, progress
+
+    ds = ingest(str(dirty / "mic_*.mrc"), tmp_path / "s.zarr")
+    whole = clean.measure_defects(ds)
+    computed = []
+    original = progress.compute
+    monkeypatch.setattr(progress, "compute", lambda *a, **k: computed.append(1) or original(*a, **k))
+    monkeypatch.setattr(clean, "DATASET_PASS_GROUP", 3)
+    grouped = clean.measure_defects(ds)
+    assert len(computed) == 3  # 3 + 3 + 2 micrographs
+    np.testing.assert_array_equal(grouped.defects, whole.defects)
+    assert (grouped.dead_rows, grouped.dead_columns) == (whole.dead_rows, whole.dead_columns)
+    # Only the order of the additions differs.
+    np.testing.assert_allclose(grouped.gain, whole.gain, rtol=1e-6)
+    np.testing.assert_allclose(grouped.raw_gain, whole.raw_gain, rtol=1e-6)
+    # (The error's power per ring comes from differences of the summed powers: 2e-4 here.)
+    np.testing.assert_allclose(grouped.gain_error_power, whole.gain_error_power, rtol=1e-3)
+    assert whole.n_micrographs == grouped.n_micrographs == 8
+
+
 def test_single_micrograph_mode_changes_only_masked_pixels(dirty, tmp_path):
     ds = ingest(str(dirty / "mic_000[01].mrc"), tmp_path / "s.zarr")
     out = clean_dataset(ds, dataset_defects=False).compute()
