@@ -39,7 +39,7 @@ import scipy.fft
 
 from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY, find_impulses, correct_pixels
 from cryodask.physics import CTFParams, ctf_2d, electron_wavelength_A, frequency_grid
-from cryodask.restore import fit_signal_noise
+from cryodask.restore import SpectralGrid, fit_signal_noise
 
 __all__ = [
     "BANDS_A",
@@ -279,9 +279,10 @@ def _fit_shells(shape) -> int:
 
 
 def measure_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimate=None, defects=None,
-                  dose_e_per_A2: float | None = None, shell_edges=None) -> NoiseMeasurement:
+                  dose_e_per_A2: float | None = None, shell_edges=None, grid=None) -> NoiseMeasurement:
     """The image half of :func:`decompose_noise` (same parameters): impulses, cleaning, one
-    transform, the spectral fit and the sums the decomposition needs."""
+    transform, the spectral fit and the sums the decomposition needs. ``grid``: the
+    micrograph's :class:`cryodask.restore.SpectralGrid` when the caller has it."""
     x = np.asarray(image, dtype=np.float32)
     found = find_impulses(x, defects=defects)
     impulse = (found.mask == HOT_PIXEL) | (found.mask == XRAY)
@@ -293,10 +294,11 @@ def measure_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimat
     f = scipy.fft.rfft2(clean - mean)
     power = (f.real**2 + f.imag**2) / clean.size**2
     del f
-    ky, kx = frequency_grid(clean.shape, pixel_size_A, layout="rfft")
-    ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
+    if grid is None:
+        grid = SpectralGrid(clean.shape, params, pixel_size_A)
+    ky, kx, ctf2 = grid.check(clean.shape, params, pixel_size_A).ky, grid.kx, grid.ctf2
     k, signal, noise = fit_signal_noise(clean, params, pixel_size_A=pixel_size_A, power=power * clean.size,
-                                        ctf2=ctf2, n_shells=_fit_shells(clean.shape))
+                                        grid=grid, n_shells=_fit_shells(clean.shape))
     kk = np.sqrt(ky**2 + kx**2) + 0 * kx
     weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
     low = (kk > 0) & (kk < 1.0 / 200.0)

@@ -856,8 +856,11 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
     only the cleaning and the restoration run, and nothing is returned.
     """
     from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY
+    from cryodask.causal import measure_noise
     from cryodask.clean import _clean_block
     from cryodask.regions import CONTAMINATION, REGION_CODES, VACUUM, classify_regions
+    from cryodask.restore import SpectralGrid, phase_flip, wiener_filter
+    from cryodask.score import MEASUREMENTS, measure_micrograph
 
     layout, n_fields = _pass_layout(clean, len(descriptor_k), length)
     out = np.full((images.shape[0], n_fields), np.nan)
@@ -865,39 +868,53 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
     gain_reference, divisor, known = constants.gain_reference, constants.divisor, constants.known
     multiply = np.ones(shape, np.float32) if gain_reference is None else gain_reference
     known_f = known.astype(np.float32) if known.ndim == 2 else np.zeros(shape, np.float32)
-    defects = known > 0 if known.ndim == 2 else np.zeros(0)
-    no_exclusion = np.zeros(1, bool)
+    defects = known > 0 if known.ndim == 2 else None
+    smoothed = constants.smoothed_gain if constants.smoothed_gain.ndim == 2 else None
+    restore = phase_flip if restore_method == "phaseflip" else wiener_filter
     for i in range(images.shape[0]):
         index, pixel, voltage, cs, ac, dose, centre = (scalars[i, j:j + 1] for j in range(len(_PASS_SCALARS)))
         image = images[i:i + 1]
         raw = image if gain_reference is None else image * gain_reference
+        exclude = None
         if clean:
             both = _clean_block(image, multiply[None], divisor[None], known_f[None], index, seed=seed)[0]
-            work, mask = both[0][None], both[1].astype(np.uint8)
+            work, mask = both[0], both[1].astype(np.uint8)
         else:
-            work, exclude = raw, no_exclusion
+            work = raw[0]
         if ctf_rows is None:
             if clean:
-                regions = classify_regions(work[0]).mask  # regions_dataset's tiles
-                exclude = np.isin(regions, (VACUUM, CONTAMINATION))[None]
+                regions = classify_regions(work).mask  # regions_dataset's tiles
+                exclude = np.isin(regions, (VACUUM, CONTAMINATION))
                 out[i, layout["extra"]] = ([np.count_nonzero(mask == code) for code in (HOT_PIXEL, XRAY, DEFECT)]
                                            + [np.mean(regions == code) for code in REGION_CODES])
-            fit = _ctf_block(work, pixel, voltage, cs, ac, exclude, centre, search=search, clip_sigma=6.0,
-                             prior_window=prior_window)[0]
+            fit = _ctf_block(work[None], pixel, voltage, cs, ac, np.zeros(1, bool) if exclude is None else exclude[None],
+                             centre, search=search, clip_sigma=6.0, prior_window=prior_window)[0]
             out[i, layout["ctf"]] = fit
-            u, v, angle, phase = (fit[j:j + 1].astype(np.float32).astype(np.float64) for j in (0, 1, 2, 3))
+            # The later kernels take the CTF as it is stored (float32).
+            u, v, angle, phase = (float(np.float32(fit[j])) for j in range(4))
+        else:
+            u, v, angle, phase = (float(x) for x in ctf_rows[i, :4])
+        params = grid = None
+        if np.isfinite(u):
+            params = _ctf_params((u, v, angle, voltage[0], cs[0], ac[0], phase))
+            # One CTF grid and one set of the spectral fit's bins for the three fits below.
+            grid = SpectralGrid(shape, params, float(pixel[0]))
+        if ctf_rows is None:
             # The ΔRepro refit searches the whole range even where a prior confined the fit:
             # a prior that forced a fit shows as irreproducible.
-            out[i, layout["measure"]] = _measure_block(raw, work, exclude, u, v, angle, voltage, cs, ac, phase,
-                                                       pixel, search=search, defects=defects,
-                                                       descriptor_k=descriptor_k)[0]
-            out[i, layout["noise"]] = _measure_noise_block(raw, u, v, angle, voltage, cs, ac, phase, pixel, dose,
-                                                           constants.smoothed_gain, known, shell_edges, length)[0]
-        else:
-            u, v, angle, phase = (ctf_rows[i, j:j + 1] for j in range(4))
+            found, descriptor = measure_micrograph(raw[0], work, params, pixel_size_A=float(pixel[0]), search=search,
+                                                   exclude=exclude, defects=defects, descriptor_k=descriptor_k,
+                                                   grid=grid)
+            out[i, layout["measure"]] = [found[name] for name in MEASUREMENTS] + list(descriptor)
+            if params is not None:
+                out[i, layout["noise"]] = measure_noise(
+                    raw[0], params, pixel_size_A=float(pixel[0]), gain_estimate=smoothed, defects=defects,
+                    dose_e_per_A2=float(dose[0]), shell_edges=shell_edges, grid=grid).to_vector(length)
         if paths is not None and not os.path.isfile(paths[i]):
-            restored = _restore_block(work, u, v, angle, voltage, cs, ac, phase, pixel, method=restore_method)
-            _write_restored(restored, paths[i:i + 1], pixel)
+            # No CTF, no restoration: NaN says so rather than a guess.
+            restored = (np.full(shape, np.nan, np.float32) if params is None
+                        else restore(work, params, pixel_size_A=float(pixel[0]), grid=grid))
+            _write_restored(restored[None], paths[i:i + 1], pixel)
     return out if ctf_rows is None else np.zeros((images.shape[0], 0))
 
 

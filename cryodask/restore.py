@@ -27,12 +27,70 @@ import scipy.fft
 from cryodask.backend import fft_module, namespace, to_numpy
 from cryodask.physics import CTFParams, ctf_2d, frequency_grid
 
-__all__ = ["fit_signal_noise", "phase_flip", "wiener_filter", "wiener_gain"]
+__all__ = ["SpectralGrid", "fit_signal_noise", "phase_flip", "wiener_filter", "wiener_gain"]
 
 
 def _ctf_grid(shape, pixel_size_A, params, xp, device=None):
     ky, kx = frequency_grid(shape, pixel_size_A, layout="rfft", xp=xp, device=device)
     return ky, kx, ctf_2d(ky, kx, params, with_envelope=False)
+
+
+class SpectralGrid:
+    """One micrograph's ``rfft2`` half plane under its CTF, made once for the kernels that
+    take it (:func:`fit_signal_noise`, :func:`wiener_filter`, :func:`phase_flip`,
+    :func:`cryodask.causal.measure_noise`, :func:`cryodask.score.measure_micrograph`)
+    instead of once by each: the frequencies ``ky``, ``kx`` and the ``ctf`` (no envelope;
+    in the array namespace ``xp``); the CTF² in NumPy; the spectral fit's bins of shell
+    and CTF² per number of shells; the Wiener filter's interpolation from the shells. The
+    kernels give the same results with it as without.
+
+    Parameters
+    ----------
+    shape : (ny, nx)
+        The real-space micrograph's.
+    params : CTFParams
+    pixel_size_A : float
+    """
+
+    def __init__(self, shape, params: CTFParams, pixel_size_A: float, *, xp=np, device=None):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.params = params
+        self.pixel_size_A = float(pixel_size_A)
+        self.ky, self.kx, self.ctf = _ctf_grid(self.shape, self.pixel_size_A, params, xp, device)
+        self._ctf2 = None
+        self._bins = {}
+        self._interpolators = {}
+
+    def check(self, shape, params: CTFParams, pixel_size_A: float) -> "SpectralGrid":
+        """The grid itself, once it is checked to be that of ``shape``, ``params`` and
+        ``pixel_size_A``; else ValueError."""
+        if (tuple(int(n) for n in shape[:2]) != self.shape or params != self.params
+                or float(pixel_size_A) != self.pixel_size_A):
+            raise ValueError(f"grid: made for shape {self.shape}, pixel {self.pixel_size_A} Å and "
+                             f"{self.params}; asked for {tuple(shape[:2])}, {pixel_size_A} Å and {params}")
+        return self
+
+    @property
+    def ctf2(self) -> np.ndarray:
+        """CTF² on the half plane (NumPy float32)."""
+        if self._ctf2 is None:
+            self._ctf2 = to_numpy(self.ctf * self.ctf)
+        return self._ctf2
+
+    def bins(self, n_shells: int):
+        """The spectral fit's bins for ``n_shells`` shells (see :func:`_shell_bins`)."""
+        if n_shells not in self._bins:
+            ky, kx = (np.asarray(to_numpy(a)) for a in (self.ky, self.kx))
+            self._bins[n_shells] = _shell_bins(ky, kx, self.ctf2, self.pixel_size_A, n_shells)
+        return self._bins[n_shells]
+
+    def interpolator(self, k):
+        """:func:`_shell_interpolator` from the shells ``k`` onto this half plane."""
+        key = np.asarray(k, np.float64).tobytes()
+        if key not in self._interpolators:
+            kk = to_numpy(namespace(self.ky).sqrt(self.ky * self.ky + self.kx * self.kx) + 0.0 * self.kx)
+            self._interpolators[key] = _shell_interpolator(kk, k)
+        return self._interpolators[key]
 
 
 def _without_plane(x, xp):
@@ -49,7 +107,7 @@ def _without_plane(x, xp):
     return x - (xp.mean(rows) + slope_y * y[:, None] + slope_x * u[None, :])
 
 
-def phase_flip(image, params: CTFParams, *, pixel_size_A: float):
+def phase_flip(image, params: CTFParams, *, pixel_size_A: float, grid: SpectralGrid | None = None):
     """Multiply the image's transform by ``sign(CTF)``: protein comes out bright.
 
     Parameters
@@ -57,6 +115,8 @@ def phase_flip(image, params: CTFParams, *, pixel_size_A: float):
     image : (ny, nx) array
     params : CTFParams
     pixel_size_A : float
+    grid : SpectralGrid, optional
+        The micrograph's, when the caller has it.
 
     Returns
     -------
@@ -66,7 +126,8 @@ def phase_flip(image, params: CTFParams, *, pixel_size_A: float):
     fft = fft_module(image)
     x = xp.astype(image, xp.float32)
     f = fft.rfftn(_without_plane(x, xp), axes=(0, 1))
-    _, _, ctf = _ctf_grid(x.shape, pixel_size_A, params, xp)
+    ctf = (_ctf_grid(x.shape, pixel_size_A, params, xp)[2] if grid is None
+           else grid.check(x.shape, params, pixel_size_A).ctf)
     flip = xp.where(ctf >= 0, xp.asarray(1.0, dtype=xp.float32), xp.asarray(-1.0, dtype=xp.float32))
     return xp.astype(fft.irfftn(f * flip, s=x.shape, axes=(0, 1)), xp.float32)
 
@@ -85,13 +146,27 @@ _LOW_CTF2_FLOOR = 0.01
 _CTF2_BINS = 128
 
 
-def _bin_sums(index, c, p, n_shells):
-    """Per shell and CTF² bin: pixel count and the sums of ``c``, ``c²``, ``p`` and ``c p``,
-    each ``(n_shells, _CTF2_BINS)``."""
+def _shell_bins(ky, kx, ctf2, pixel_size_A, n_shells):
+    """What the spectral fit's sums take from the grid alone: each Fourier pixel's bin (of
+    shell and CTF²), its CTF² in double precision, and per shell and CTF² bin the pixel
+    count and the sums of ``c`` and ``c²``, each ``(n_shells, _CTF2_BINS)``."""
+    k = np.sqrt(ky**2 + kx**2) + 0 * kx
+    nyquist = 0.5 / pixel_size_A
+    index = np.minimum((k / nyquist * n_shells).astype(int), n_shells - 1).ravel()
+    c = (ctf2 + 0 * kx).ravel().astype(np.float64)
     key = index * _CTF2_BINS + np.minimum((c * _CTF2_BINS).astype(np.intp), _CTF2_BINS - 1)
     size = n_shells * _CTF2_BINS
     shape = (n_shells, _CTF2_BINS)
-    return [np.bincount(key, v, size).reshape(shape) for v in (None, c, c * c, p, c * p)]
+    return key, c, [np.bincount(key, v, size).reshape(shape) for v in (None, c, c * c)]
+
+
+def _bin_sums(bins, p, n_shells):
+    """Per shell and CTF² bin: pixel count and the sums of ``c``, ``c²``, ``p`` and ``c p``,
+    each ``(n_shells, _CTF2_BINS)``, from :func:`_shell_bins` and the power ``p``."""
+    key, c, grid_sums = bins
+    size = n_shells * _CTF2_BINS
+    shape = (n_shells, _CTF2_BINS)
+    return grid_sums + [np.bincount(key, v, size).reshape(shape) for v in (p, c * p)]
 
 
 def _shell_regression(sums, weight):
@@ -111,13 +186,14 @@ def _shell_regression(sums, weight):
 
 
 def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells: int | None = None,
-                     smooth_shells: float = 2.0, power=None, ctf2=None):
+                     smooth_shells: float = 2.0, power=None, ctf2=None, grid: SpectralGrid | None = None):
     """Signal and noise power per shell from the micrograph's own spectrum.
 
     In each shell the power of the Fourier pixels is regressed on their CTF² by the Whittle
     likelihood of periodogram values (iteratively reweighted least squares). A caller that
     has them passes the periodogram ``power`` (``|rfft2(image - mean)|² / size``) and the
-    ``ctf2`` grid (``CTF²`` on the same half plane, no envelope), which are not computed again.
+    ``ctf2`` grid (``CTF²`` on the same half plane, no envelope), or the micrograph's
+    :class:`SpectralGrid`, which are not computed again.
 
     Returns
     -------
@@ -134,17 +210,17 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
         x = np.asarray(to_numpy(image), dtype=np.float32)
         f = scipy.fft.rfft2(x - x.mean())
         power = (f.real**2 + f.imag**2) / (ny * nx)
-    ky, kx = frequency_grid((ny, nx), pixel_size_A, layout="rfft")
-    if ctf2 is None:
-        ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
-    k = np.sqrt(ky**2 + kx**2) + 0 * kx
-    c2 = ctf2 + 0 * kx
     nyquist = 0.5 / pixel_size_A
     n_shells = n_shells or max(16, min(ny, nx) // 8)
-    index = np.minimum((k / nyquist * n_shells).astype(int), n_shells - 1).ravel()
+    if grid is not None:
+        bins = grid.check((ny, nx), params, pixel_size_A).bins(n_shells)
+    else:
+        ky, kx = frequency_grid((ny, nx), pixel_size_A, layout="rfft")
+        if ctf2 is None:
+            ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
+        bins = _shell_bins(ky, kx, ctf2, pixel_size_A, n_shells)
     p = power.ravel().astype(np.float64)
-    c = c2.ravel().astype(np.float64)
-    sums = _bin_sums(index, c, p, n_shells)
+    sums = _bin_sums(bins, p, n_shells)
     counts = sums[0].sum(axis=1)
     sc = sums[1].sum(axis=1)
     sp = sums[3].sum(axis=1)
@@ -247,17 +323,18 @@ def _shell_interpolator(kk, k):
 
 
 def wiener_gain(shape, params: CTFParams, *, pixel_size_A: float, k, signal, noise, separate_ice: bool = True,
-                xp=np, grid=None):
+                xp=np, grid: SpectralGrid | None = None):
     """The Wiener filter ``CTF·S_p / (CTF²·S + N)`` on the ``rfft2`` half plane of ``shape``
-    (see :func:`wiener_filter`, which applies it); ``grid``: its ``(ky, kx, CTF)`` when the
-    caller has them."""
+    (see :func:`wiener_filter`, which applies it); ``grid``: the micrograph's
+    :class:`SpectralGrid` when the caller has it (made in ``xp``)."""
     particles = signal
     if separate_ice:
         from cryodask.causal import ice_signal
 
         particles = np.clip(signal - ice_signal(k, signal), 0.0, None)
-    ky, kx, ctf = grid if grid is not None else _ctf_grid(shape, pixel_size_A, params, xp)
-    interp = _shell_interpolator(to_numpy(xp.sqrt(ky * ky + kx * kx) + 0.0 * kx), k)
+    grid = SpectralGrid(shape, params, pixel_size_A, xp=xp) if grid is None else grid.check(shape, params,
+                                                                                           pixel_size_A)
+    ctf, interp = grid.ctf, grid.interpolator(k)
     s = xp.asarray(interp(signal))
     sp = xp.asarray(interp(particles))
     n = xp.asarray(np.maximum(interp(noise), np.float32(1e-30)))
@@ -265,7 +342,7 @@ def wiener_gain(shape, params: CTFParams, *, pixel_size_A: float, k, signal, noi
 
 
 def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None, noise=None,
-                  k=None, separate_ice: bool = True):
+                  k=None, separate_ice: bool = True, grid: SpectralGrid | None = None):
     """Wiener estimate of the CTF-free image: ``F · CTF·S_p / (CTF²·S + N)``.
 
     Parameters
@@ -281,6 +358,8 @@ def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None,
         Count the amorphous-ice structure (measured from its ring, see
         :mod:`cryodask.causal`) as noise: it passes the CTF like the particles but is not
         what is restored. ``S_p = S - S_ice``.
+    grid : SpectralGrid, optional
+        The micrograph's, when the caller has it (made in the image's array namespace).
 
     Returns
     -------
@@ -296,13 +375,13 @@ def wiener_filter(image, params: CTFParams, *, pixel_size_A: float, signal=None,
     x = xp.astype(image, xp.float32)
     # One transform and one CTF grid serve the spectral fit and the filter.
     f = fft.rfftn(_without_plane(x, xp), axes=(0, 1))
-    ky, kx, ctf = _ctf_grid(x.shape, pixel_size_A, params, xp)
+    grid = SpectralGrid(x.shape, params, pixel_size_A, xp=xp) if grid is None else grid.check(x.shape, params,
+                                                                                             pixel_size_A)
     if signal is None or noise is None or k is None:
         power = to_numpy(xp.real(f) ** 2 + xp.imag(f) ** 2) / (x.shape[0] * x.shape[1])
-        k, signal, noise = fit_signal_noise(image, params, pixel_size_A=pixel_size_A, power=power,
-                                            ctf2=to_numpy(ctf * ctf))
+        k, signal, noise = fit_signal_noise(image, params, pixel_size_A=pixel_size_A, power=power, grid=grid)
     gain = wiener_gain(x.shape, params, pixel_size_A=pixel_size_A, k=k, signal=signal, noise=noise,
-                       separate_ice=separate_ice, xp=xp, grid=(ky, kx, ctf))
+                       separate_ice=separate_ice, xp=xp, grid=grid)
     return xp.astype(fft.irfftn(f * gain, s=x.shape, axes=(0, 1)), xp.float32)
 
 

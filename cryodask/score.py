@@ -218,7 +218,7 @@ def ice_ring_position(k, power, *, scales=np.geomspace(0.8, 1.25, 150), widths=(
 
 def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: float,
                        search: CTFSearch = CTFSearch(), exclude=None, defects=None,
-                       descriptor_k=None) -> tuple[dict, np.ndarray]:
+                       descriptor_k=None, grid=None) -> tuple[dict, np.ndarray]:
     """The measurements the rules, ΔRepro and Novelty need, for one micrograph.
 
     Parameters
@@ -239,6 +239,8 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
     descriptor_k : (m,) array, optional
         Frequencies (1/Å) of the descriptor's radial profile; default 24 from 1/100 Å^-1 to
         0.9 Nyquist.
+    grid : cryodask.restore.SpectralGrid, optional
+        The micrograph's under ``params``, when the caller has it.
 
     Returns
     -------
@@ -286,10 +288,12 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
     descriptor = (d - d.mean()).astype(np.float32)
     if params is None:
         return out, descriptor
-    from cryodask.physics import ctf_2d, frequency_grid
+    from cryodask.restore import SpectralGrid
 
     # CTF² on the periodogram's half plane (float32, as fit_signal_noise would make it).
-    ctf2_2d = ctf_2d(*frequency_grid(x.shape, pixel_size_A, layout="rfft"), params, with_envelope=False) ** 2
+    grid = SpectralGrid(x.shape, params, pixel_size_A) if grid is None else grid.check(x.shape, params,
+                                                                                     pixel_size_A)
+    ctf2_2d = grid.ctf2
 
     # Thon rings sector by sector, and the refit below, on the image with its excluded
     # regions filled once.
@@ -309,7 +313,7 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
         out["sector_tolerance_A"] = sectors.tolerance_A
 
     # The forward model against the 2D periodogram (Whittle deviance per Fourier pixel).
-    k_shells, signal, noise = fit_signal_noise(x, params, pixel_size_A=pixel_size_A, power=power, ctf2=ctf2_2d)
+    k_shells, signal, noise = fit_signal_noise(x, params, pixel_size_A=pixel_size_A, power=power, grid=grid)
 
     band = (kk > 1.0 / 50.0) & (kk < 0.95 * nyquist) & ((kx > 0) | (ky > 0))
     ctf2 = ctf2_2d[band]

@@ -29,6 +29,38 @@ def test_wiener_with_unit_ctf_and_no_noise_is_the_identity():
     np.testing.assert_allclose(out, image - plane, atol=1e-5)  # a gradient is no specimen
 
 
+def test_kernels_sharing_one_spectral_grid_give_what_each_gives_alone():
+    # The second pass makes one CTF grid and one set of the spectral fit's bins per
+    # micrograph for its three spectral fits and the restoration.
+    from cryodask.causal import measure_noise
+    from cryodask.restore import SpectralGrid
+    from cryodask.score import measure_micrograph
+
+    params = MicrographParams(shape=(256, 320), dose_e_per_A2=40, defocus_u_A=15000, defocus_v_A=14000)
+    sim = simulate_micrograph(params, seed=2)
+    ctf = CTFParams(params.defocus_u_A, params.defocus_v_A, params.defocus_angle_deg)
+    image = sim.image.astype(np.float32)
+    grid = SpectralGrid(image.shape, ctf, 1.0)
+    for kernel in (wiener_filter, phase_flip):
+        np.testing.assert_array_equal(kernel(image, ctf, pixel_size_A=1.0, grid=grid),
+                                      kernel(image, ctf, pixel_size_A=1.0))
+    for a, b in zip(fit_signal_noise(image, ctf, pixel_size_A=1.0, grid=grid),
+                    fit_signal_noise(image, ctf, pixel_size_A=1.0)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(measure_noise(image, ctf, pixel_size_A=1.0, grid=grid).to_vector(2000),
+                                  measure_noise(image, ctf, pixel_size_A=1.0).to_vector(2000))
+    shared, alone = (measure_micrograph(image, image, ctf, pixel_size_A=1.0, grid=g) for g in (grid, None))
+    assert shared[0] == pytest.approx(alone[0], nan_ok=True, rel=0, abs=0)
+    np.testing.assert_array_equal(shared[1], alone[1])
+    # A grid made for another CTF, shape or pixel size is refused, not used.
+    other = CTFParams(params.defocus_u_A + 100.0, params.defocus_v_A, params.defocus_angle_deg)
+    for call in (lambda: wiener_filter(image, other, pixel_size_A=1.0, grid=grid),
+                 lambda: fit_signal_noise(image[:, :256], ctf, pixel_size_A=1.0, grid=grid),
+                 lambda: phase_flip(image, ctf, pixel_size_A=1.1, grid=grid)):
+        with pytest.raises(ValueError, match="grid: made for shape"):
+            call()
+
+
 @pytest.mark.parametrize("seed", [4, 5])
 def test_a_thickness_gradient_costs_the_wiener_restoration_little(seed):
     """A wedge of ice (30 % thicker on one side) is no specimen: restored, the micrograph
