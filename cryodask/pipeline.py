@@ -13,6 +13,7 @@ import array_api_compat
 import numpy as np
 import xarray as xr
 
+from cryodask import progress
 from cryodask.ctf import CTFSearch, estimate_ctf
 from cryodask.spectrum import power_spectrum
 
@@ -26,6 +27,7 @@ __all__ = [
     "power_spectra",
     "regions_dataset",
     "restore_dataset",
+    "restore_files",
     "score_dataset",
 ]
 
@@ -748,29 +750,12 @@ def _write_restored(block, paths, pixels):
     return written
 
 
-def _restore_writes(ds, work, ctf, paths, method):
-    """The tasks that restore and write the micrographs without a file at their ``paths``:
-    one per chunk, over the graph as built, so that computed with the scoring pass they
-    share its reads, cleaning and CTF fits (an optimised copy would repeat them)."""
-    import dask
-
-    todo = np.asarray([i for i, path in enumerate(paths) if not os.path.isfile(path)], int)
-    if todo.size == 0:
-        return []
-    if todo.size < len(paths):
-        work, ctf = work.isel(micrograph=todo), ctf.isel(micrograph=todo)
-    restored = restore_dataset(work, ctf, method=method).data
-    pixels = np.asarray(ds["pixel_size_A"], np.float64)[todo]
-    bounds = np.concatenate([[0], np.cumsum(restored.chunks[0])]).astype(int)
-    blocks = restored.to_delayed(optimize_graph=False).ravel()
-    return [dask.delayed(_write_restored, pure=False)(block, [paths[i] for i in todo[a:b]], pixels[a:b])
-            for block, a, b in zip(blocks, bounds[:-1], bounds[1:])]
-
-
 #: Micrographs per batch of :func:`score_dataset`'s second pass (whole chunks; at least one).
-#: The pass's graph holds ~100 tasks, ~0.1 MB, per micrograph once materialised; built for
-#: the whole dataset, it was what grew with the count (256² micrographs on threads: 0.25 GB
-#: peak for 16, 0.31 GB for 512; in batches, 0.25 and 0.26 GB).
+#: Built as separate kernels, that pass's graph held ~100 tasks, ~0.1 MB, per micrograph
+#: once materialised, and built for the whole dataset it was what grew with the count
+#: (256² micrographs on threads: 0.25 GB peak for 16, 0.31 GB for 512; in batches, 0.25
+#: and 0.26 GB). Fused into one task per chunk it holds a few; the batches still bound
+#: what is built and held at once.
 SECOND_PASS_BATCH = 128
 
 
@@ -843,8 +828,9 @@ class _PassConstants:
     smoothed_gain: np.ndarray
 
 
-def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, clean, seed, search, prior_window,
-                       descriptor_k, shell_edges, length, restore_method, ctf_rows=None):
+def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, clean, seed, restore_method,
+                       search=None, prior_window=None, descriptor_k=(), shell_edges=None, length=0,
+                       ctf_rows=None):
     """The second pass over one chunk of micrographs, in one task: each micrograph cleaned
     in memory (gain reference, gain estimate, impulses and defects), its regions, its CTF
     fit, the rules' measurements and the noise model's, and its restored file written (at
@@ -862,7 +848,7 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
     from cryodask.restore import SpectralGrid, phase_flip, wiener_filter
     from cryodask.score import MEASUREMENTS, measure_micrograph
 
-    layout, n_fields = _pass_layout(clean, len(descriptor_k), length)
+    layout, n_fields = _pass_layout(clean, len(descriptor_k), length) if ctf_rows is None else ({}, 0)
     out = np.full((images.shape[0], n_fields), np.nan)
     shape = images.shape[1:]
     gain_reference, divisor, known = constants.gain_reference, constants.divisor, constants.known
@@ -915,7 +901,7 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
             restored = (np.full(shape, np.nan, np.float32) if params is None
                         else restore(work, params, pixel_size_A=float(pixel[0]), grid=grid))
             _write_restored(restored[None], paths[i:i + 1], pixel)
-    return out if ctf_rows is None else np.zeros((images.shape[0], 0))
+    return out
 
 
 def _second_pass(ds, first, scalars, shared, *, clean, seed, search, prior_window, descriptor_k, shell_edges,
@@ -949,15 +935,52 @@ def _second_pass(ds, first, scalars, shared, *, clean, seed, search, prior_windo
     if paths is not None:
         # A chunk read back from the checkpoint wrote its files before it was saved; a file
         # missing since is restored again from the fitted CTF, without refitting.
-        missing = np.asarray([i for i, path in enumerate(paths) if not os.path.isfile(path)], int)
-        if missing.size:
-            values = np.asarray(fields)[missing][:, [0, 1, 2, 3]].astype(np.float32).astype(np.float64)
-            image = ds["image"].data[missing]
-            rows = scalars[first + missing]
-            dask.compute([dask.delayed(_second_pass_block, pure=False)(
-                image[i:i + 1], rows[i:i + 1], [paths[j]], shared, ctf_rows=values[i:i + 1], **options)
-                for i, j in enumerate(missing)])
+        ctf_rows = np.asarray(fields)[:, :4].astype(np.float32).astype(np.float64)
+        progress.compute_each(_restore_tasks(ds, first, scalars, shared, ctf_rows, paths, clean=clean, seed=seed,
+                                             restore_method=restore_method))
     return fields
+
+
+def _restore_tasks(ds, first, scalars, shared, ctf_rows, paths, **options) -> list:
+    """One task per chunk of ``ds`` (the dataset's micrographs from ``first`` on) with a
+    micrograph whose restored file is missing at ``paths``: cleans and restores them with
+    their CTF (``ctf_rows``: defocus u, v, angle and phase shift; :func:`_second_pass_block`)."""
+    import dask
+
+    image = ds["image"].data
+    bounds = np.concatenate([[0], np.cumsum(image.chunks[0])]).astype(int)
+    missing = np.asarray([not os.path.isfile(path) for path in paths])
+    return [dask.delayed(_second_pass_block, pure=False)(block, scalars[first + a:first + b], paths[a:b], shared,
+                                                         ctf_rows=ctf_rows[a:b], **options)
+            for block, a, b in zip(image.to_delayed().ravel(), bounds[:-1], bounds[1:]) if missing[a:b].any()]
+
+
+def restore_files(ds: xr.Dataset, paths, *, method: str = "wiener", clean: bool = True, gain_reference=None,
+                  defects=None) -> int:
+    """Restore the micrographs of a scored dataset that have no file at their ``paths`` and
+    write them there (computes): each cleaned as :func:`score_dataset` cleans it (after
+    the dataset pass when ``clean``) and restored with its stored CTF, one task per chunk
+    of micrographs, a batch at a time. Returns how many were written."""
+    from cryodask.clean import MIN_DATASET_MICROGRAPHS, measure_defects
+
+    if method not in ("wiener", "phaseflip"):
+        raise ValueError(f"method must be 'wiener' or 'phaseflip', got {method!r}")
+    paths = list(paths)
+    todo = sum(not os.path.isfile(path) for path in paths)
+    if todo == 0:
+        return 0
+    n = ds.sizes["micrograph"]
+    measured = None
+    if clean and n >= MIN_DATASET_MICROGRAPHS:
+        measured = measure_defects(ds, gain_reference=gain_reference, defects=defects)
+    known = defects if measured is None else measured.defects
+    shared, scalars = _pass_inputs(ds, gain_reference, known, measured, clean, None)
+    ctf_rows = np.stack([np.asarray(ds[name], np.float64) for name in
+                         ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg")], axis=1)
+    for a, b in second_pass_batches(ds):
+        progress.compute_each(_restore_tasks(ds.isel(micrograph=slice(a, b)), a, scalars, shared, ctf_rows[a:b],
+                                             paths[a:b], clean=clean, seed=0, restore_method=method))
+    return todo
 
 
 def _pass_inputs(ds, gain_reference, known, measured, clean, ctf_prior):

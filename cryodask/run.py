@@ -398,24 +398,18 @@ def _restored_count(ds, out_dir):
 
 def _restore(ds, config, paths, method, gain, known, echo):
     """Restore what the scoring pass did not (its scores were in the store already)."""
-    from cryodask import progress
     from cryodask.io.export import output_paths
-    from cryodask.pipeline import _restore_writes
+    from cryodask.pipeline import restore_files
 
     out_dir = paths["restored"]
     n = ds.sizes["micrograph"]
     done = _restored_count(ds, out_dir)
     if done < n:
         t = time.perf_counter()
-        if config["clean"]:
-            from cryodask.clean import clean_for_fitting
-
-            work, _, _ = clean_for_fitting(ds, gain_reference=gain, defects=known)
-        else:
-            work = ds
         # Each file is written under a temporary name and renamed: a file that exists is whole.
         os.makedirs(out_dir, exist_ok=True)
-        progress.compute(*_restore_writes(ds, work, ds, output_paths(ds, out_dir), method))
+        restore_files(ds, output_paths(ds, out_dir), method=method, clean=config["clean"], gain_reference=gain,
+                      defects=known)
         echo(f"restored {n - done} micrographs ({method}) -> {out_dir}/ ({time.perf_counter() - t:.1f} s)"
              + (f"; {done} were done already" if done else ""))
     else:
