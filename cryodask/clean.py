@@ -130,12 +130,20 @@ def measure_defects(ds: xr.Dataset, *, gain_reference=None, defects=None) -> Dat
 
 
 def _clean_block(block, gain, divisor, defects, index, *, seed):
-    image = block[0] * gain[0] / divisor[0]
-    found = find_impulses(image, defects=defects[0] > 0)
+    corrected, mask = clean_one(block[0], gain[0], divisor[0], defects[0] > 0, int(index.ravel()[0]), seed=seed)
+    return np.stack([corrected, mask.astype(np.float32)])[None]
+
+
+def clean_one(image, gain, divisor, defects, index: int, *, seed: int):
+    """One micrograph as :func:`clean_dataset` corrects it: times ``gain``, over ``divisor``,
+    its impulses and ``defects`` replaced with fill noise drawn from ``seed`` and its
+    ``index`` in the dataset. Returns the corrected image (float32) and the mask (codes of
+    :mod:`cryodask.artifacts`)."""
+    image = image * gain / divisor
+    found = find_impulses(image, defects=defects)
     corrected = correct_pixels(image, found.mask, found.reference, found.sigma,
-                               counting=found.counting, fano=found.fano,
-                               seed=seed * 1_000_003 + int(index.ravel()[0]))
-    return np.stack([corrected, found.mask.astype(np.float32)])[None]
+                               counting=found.counting, fano=found.fano, seed=seed * 1_000_003 + index)
+    return corrected, found.mask
 
 
 def clean_dataset(ds: xr.Dataset, *, gain_reference=None, defects=None, dataset_defects: bool = True,

@@ -843,7 +843,7 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
     """
     from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY
     from cryodask.causal import measure_noise
-    from cryodask.clean import _clean_block
+    from cryodask.clean import clean_one
     from cryodask.regions import CONTAMINATION, REGION_CODES, VACUUM, classify_regions
     from cryodask.restore import SpectralGrid, phase_flip, wiener_filter
     from cryodask.score import MEASUREMENTS, measure_micrograph
@@ -853,7 +853,6 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
     shape = images.shape[1:]
     gain_reference, divisor, known = constants.gain_reference, constants.divisor, constants.known
     multiply = np.ones(shape, np.float32) if gain_reference is None else gain_reference
-    known_f = known.astype(np.float32) if known.ndim == 2 else np.zeros(shape, np.float32)
     defects = known > 0 if known.ndim == 2 else None
     smoothed = constants.smoothed_gain if constants.smoothed_gain.ndim == 2 else None
     restore = phase_flip if restore_method == "phaseflip" else wiener_filter
@@ -863,8 +862,7 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
         raw = image if gain_reference is None else image * gain_reference
         exclude = None
         if clean:
-            both = _clean_block(image, multiply[None], divisor[None], known_f[None], index, seed=seed)[0]
-            work, mask = both[0], both[1].astype(np.uint8)
+            work, mask = clean_one(image[0], multiply, divisor, defects, int(index[0]), seed=seed)
         else:
             work = raw[0]
         if ctf_rows is None:

@@ -148,22 +148,29 @@ _CTF2_BINS = 128
 
 def _shell_bins(ky, kx, ctf2, pixel_size_A, n_shells):
     """What the spectral fit's sums take from the grid alone: each Fourier pixel's bin (of
-    shell and CTF²), its CTF² in double precision, and per shell and CTF² bin the pixel
-    count and the sums of ``c`` and ``c²``, each ``(n_shells, _CTF2_BINS)``."""
+    shell and CTF²), and per shell and CTF² bin the pixel count and the sums of ``c`` and
+    ``c²`` (``c`` the CTF² in double precision), each ``(n_shells, _CTF2_BINS)``."""
     k = np.sqrt(ky**2 + kx**2) + 0 * kx
     nyquist = 0.5 / pixel_size_A
     index = np.minimum((k / nyquist * n_shells).astype(int), n_shells - 1).ravel()
-    c = (ctf2 + 0 * kx).ravel().astype(np.float64)
+    c = _ctf2_values(ctf2, kx)
     key = index * _CTF2_BINS + np.minimum((c * _CTF2_BINS).astype(np.intp), _CTF2_BINS - 1)
     size = n_shells * _CTF2_BINS
     shape = (n_shells, _CTF2_BINS)
-    return key, c, [np.bincount(key, v, size).reshape(shape) for v in (None, c, c * c)]
+    return key, [np.bincount(key, v, size).reshape(shape) for v in (None, c, c * c)]
 
 
-def _bin_sums(bins, p, n_shells):
+def _ctf2_values(ctf2, kx):
+    """CTF² per Fourier pixel, flat, in double precision (made again where needed rather
+    than kept: at 4096², 67 MB)."""
+    return (ctf2 + 0 * kx).ravel().astype(np.float64)
+
+
+def _bin_sums(bins, c, p, n_shells):
     """Per shell and CTF² bin: pixel count and the sums of ``c``, ``c²``, ``p`` and ``c p``,
-    each ``(n_shells, _CTF2_BINS)``, from :func:`_shell_bins` and the power ``p``."""
-    key, c, grid_sums = bins
+    each ``(n_shells, _CTF2_BINS)``, from :func:`_shell_bins`, the CTF² ``c`` and the power
+    ``p`` (flat, double precision)."""
+    key, grid_sums = bins
     size = n_shells * _CTF2_BINS
     shape = (n_shells, _CTF2_BINS)
     return grid_sums + [np.bincount(key, v, size).reshape(shape) for v in (p, c * p)]
@@ -214,13 +221,14 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
     n_shells = n_shells or max(16, min(ny, nx) // 8)
     if grid is not None:
         bins = grid.check((ny, nx), params, pixel_size_A).bins(n_shells)
+        ctf2, kx = grid.ctf2, grid.kx
     else:
         ky, kx = frequency_grid((ny, nx), pixel_size_A, layout="rfft")
         if ctf2 is None:
             ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
         bins = _shell_bins(ky, kx, ctf2, pixel_size_A, n_shells)
     p = power.ravel().astype(np.float64)
-    sums = _bin_sums(bins, p, n_shells)
+    sums = _bin_sums(bins, _ctf2_values(ctf2, np.asarray(to_numpy(kx))), p, n_shells)
     counts = sums[0].sum(axis=1)
     sc = sums[1].sum(axis=1)
     sp = sums[3].sum(axis=1)
