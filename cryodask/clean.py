@@ -45,8 +45,9 @@ MIN_GAIN_MICROGRAPHS = 8
 #: bounded by the group and does not grow with the dataset (a tree over the whole
 #: dataset holds one partial sum per level, log2 of the count: 512 micrographs of 512²
 #: traced 72 MB at the peak, in groups of 8, 59 MB; 8 micrographs, 44 MB). A group runs
-#: at most this many micrographs at once: on more threads than this, raise it (the
-#: results then differ in the last bits, from the order of the additions).
+#: at most this many micrographs at once: on more threads than this, raise it with the
+#: Dask config key ``cryodask.dataset-pass-group`` (the results then differ in the last
+#: bits, from the order of the additions).
 DATASET_PASS_GROUP = 8
 
 
@@ -100,7 +101,8 @@ def measure_defects(ds: xr.Dataset, *, gain_reference=None, defects=None) -> Dat
     blocks = data.to_delayed().ravel()
     bounds = np.concatenate([[0], np.cumsum(data.chunks[0])]).astype(int)
     sums = extra = None
-    for first, last in whole_chunks(data.chunks[0], DATASET_PASS_GROUP):
+    group_size = int(dask.config.get("cryodask.dataset-pass-group", DATASET_PASS_GROUP))
+    for first, last in whole_chunks(data.chunks[0], group_size):
         level = [dask.delayed(_stats_block)(block, gain, known)
                  for block in blocks[np.searchsorted(bounds, first):np.searchsorted(bounds, last)]]
         # Summed two at a time: a task holds three micrographs' statistics at most (a wider

@@ -761,10 +761,14 @@ SECOND_PASS_BATCH = 128
 
 def second_pass_batches(ds: xr.Dataset, size: int | None = None) -> list:
     """``(start, stop)`` of the batches of micrographs the second pass computes in turn:
-    whole chunks of ``image``, about ``size`` (:data:`SECOND_PASS_BATCH`) micrographs each."""
+    whole chunks of ``image``, about ``size`` micrographs each (default: the Dask config key
+    ``cryodask.second-pass-batch``, else :data:`SECOND_PASS_BATCH`)."""
+    import dask
+
     n = ds.sizes["micrograph"]
-    return whole_chunks(ds["image"].chunks[0] if ds["image"].chunks is not None else (n,),
-                        SECOND_PASS_BATCH if size is None else size)
+    if size is None:
+        size = dask.config.get("cryodask.second-pass-batch", SECOND_PASS_BATCH)
+    return whole_chunks(ds["image"].chunks[0] if ds["image"].chunks is not None else (n,), size)
 
 
 def whole_chunks(chunks, size: int) -> list:

@@ -42,6 +42,8 @@ def test_clean_dataset_finds_what_the_simulator_put_in(dirty, tmp_path):
 def test_the_dataset_pass_in_groups_finds_what_it_finds_whole(dirty, tmp_path, monkeypatch):
     # Computed a group of micrographs at a time (what it holds does not grow with the
     # dataset), the dataset pass must find the same defects and gain as summed in one tree.
+    import dask
+
     from cryodask import clean, progress
 
     ds = ingest(str(dirty / "mic_*.mrc"), tmp_path / "s.zarr")
@@ -60,6 +62,12 @@ def test_the_dataset_pass_in_groups_finds_what_it_finds_whole(dirty, tmp_path, m
     # (The error's power per ring comes from differences of the summed powers: 2e-4 here.)
     np.testing.assert_allclose(grouped.gain_error_power, whole.gain_error_power, rtol=1e-3)
     assert whole.n_micrographs == grouped.n_micrographs == 8
+    # The group's size is a Dask config key.
+    computed.clear()
+    monkeypatch.setattr(clean, "DATASET_PASS_GROUP", 8)
+    with dask.config.set({"cryodask.dataset-pass-group": 4}):
+        clean.measure_defects(ds)
+    assert len(computed) == 2
 
 
 def test_single_micrograph_mode_changes_only_masked_pixels(dirty, tmp_path):

@@ -339,6 +339,8 @@ def test_the_second_pass_in_batches_gives_what_it_gives_whole(tmp_path, monkeypa
     assert pipeline.second_pass_batches(ds) == [(0, n)]
     assert pipeline.second_pass_batches(ds, 4) == [(0, 4), (4, 8), (8, n)]
     assert pipeline.second_pass_batches(ds, 1) == [(i, i + 1) for i in range(n)]
+    with dask.config.set({"cryodask.second-pass-batch": 5}):
+        assert pipeline.second_pass_batches(ds) == [(0, 5), (5, n)]
     with pytest.raises(ValueError, match="at least 1"):
         pipeline.second_pass_batches(ds, 0)
     # Earlier CTF results for two of the micrographs: the note counts them over all batches.
