@@ -875,8 +875,9 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
                 exclude = np.isin(regions, (VACUUM, CONTAMINATION))
                 out[i, layout["extra"]] = ([np.count_nonzero(mask == code) for code in (HOT_PIXEL, XRAY, DEFECT)]
                                            + [np.mean(regions == code) for code in REGION_CODES])
-            fit = _ctf_block(work[None], pixel, voltage, cs, ac, np.zeros(1, bool) if exclude is None else exclude[None],
-                             centre, search=search, clip_sigma=6.0, prior_window=prior_window)[0]
+            left_out = np.zeros(1, bool) if exclude is None else exclude[None]
+            fit = _ctf_block(work[None], pixel, voltage, cs, ac, left_out, centre, search=search, clip_sigma=6.0,
+                             prior_window=prior_window)[0]
             out[i, layout["ctf"]] = fit
             # The later kernels take the CTF as it is stored (float32).
             u, v, angle, phase = (float(np.float32(fit[j])) for j in range(4))
@@ -911,7 +912,8 @@ def _second_pass(ds, first, scalars, shared, *, clean, seed, search, prior_windo
     """One batch of :func:`score_dataset`'s second pass (``ds`` holds its micrographs, the
     first being the dataset's ``first``), computed one task per chunk
     (:func:`_second_pass_block`): its fields (micrograph, pass_field). ``shared``: the
-    :class:`_PassConstants` as one Delayed, one key for every task. Writes the restored files at ``paths`` (None: none)."""
+    :class:`_PassConstants` as one Delayed, one key for every task. Writes the restored
+    files at ``paths`` (None: none)."""
     import dask
     import dask.array as da
 
