@@ -32,6 +32,7 @@ __all__ = [
     "MIN_DATASET_MICROGRAPHS",
     "clean_dataset",
     "clean_for_fitting",
+    "clean_one",
     "estimate_ctf_cleaned",
     "measure_defects",
 ]
@@ -114,7 +115,11 @@ def measure_defects(ds: xr.Dataset, *, gain_reference=None, defects=None) -> Dat
         ((group, group_extra),) = progress.compute(level[0])
         if sums is None:
             sums, extra = group, group_extra
-        else:  # the groups' sums added one after another (for 10 000 micrographs, 156 times)
+        else:
+            # The groups' sums added one after another, in single precision: for 10 000
+            # micrographs in groups of 8, 1249 additions, whose rounding (at most ~1e-4
+            # of the sum) stays below the gain estimate's own error there (~1e-3 a pixel
+            # at 40 counts).
             if not sums.flags.writeable:  # as a worker process sent it
                 sums = sums.copy()
             sums += group
