@@ -263,6 +263,15 @@ def _restore_block(images, u, v, angle, voltage, cs, ac, phase, pixel, *, method
     return out
 
 
+#: The restoration methods (:func:`restore_dataset`).
+RESTORE_METHODS = ("wiener", "phaseflip")
+
+
+def _check_restore_method(method) -> None:
+    if method not in RESTORE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, RESTORE_METHODS))}, got {method!r}")
+
+
 def restore_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, method: str = "wiener",
                     variable: str = "image") -> xr.DataArray:
     """Restore every micrograph with its CTF (lazy, one task per micrograph).
@@ -282,8 +291,7 @@ def restore_dataset(ds: xr.Dataset, ctf: xr.Dataset, *, method: str = "wiener",
     DataArray ``image_restored (micrograph, y, x)`` float32: the CTF-free projection with
     protein positive; NaN for a micrograph without a CTF estimate.
     """
-    if method not in ("wiener", "phaseflip"):
-        raise ValueError(f"method must be 'wiener' or 'phaseflip', got {method!r}")
+    _check_restore_method(method)
     image = ds[variable]
     check_image_chunks(image)
     chunks = image.chunks[0] if image.chunks is not None else None
@@ -788,14 +796,6 @@ def whole_chunks(chunks, size: int) -> list:
     return bounds
 
 
-def _prior_note(ds, prior, prior_window):
-    """The CTF prior's note (:func:`estimate_ctf_dataset`) for the whole of ``ds``."""
-    from cryodask.io.ctf_results import prior_defocus
-
-    centre = prior_defocus([str(name) for name in ds["micrograph_name"].values], prior)
-    return _prior_message(int(np.isfinite(centre).sum()), ds.sizes["micrograph"], prior_window)
-
-
 #: The per-micrograph numbers each task of the second pass takes, in this order.
 _PASS_SCALARS = ("index", "pixel_size_A", "voltage_kV", "cs_mm", "amplitude_contrast", "dose_e_per_A2",
                  "prior_defocus_A")
@@ -843,7 +843,7 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
 
     The CTF reaches the later kernels rounded to float32, as the stored CTF variables are.
     With ``ctf_rows`` (defocus u, v, angle and phase shift per micrograph, already fitted)
-    only the cleaning and the restoration run, and nothing is returned.
+    only the cleaning and the restoration run, and the rows have no fields.
     """
     from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY
     from cryodask.causal import measure_noise
@@ -967,8 +967,7 @@ def restore_files(ds: xr.Dataset, paths, *, method: str = "wiener", clean: bool 
     of micrographs, a batch at a time. Returns how many were written."""
     from cryodask.clean import MIN_DATASET_MICROGRAPHS, measure_defects
 
-    if method not in ("wiener", "phaseflip"):
-        raise ValueError(f"method must be 'wiener' or 'phaseflip', got {method!r}")
+    _check_restore_method(method)
     paths = list(paths)
     todo = sum(not os.path.isfile(path) for path in paths)
     if todo == 0:
@@ -1102,10 +1101,11 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
                                 evaluate_rules, hyperscore, impact_forecast, logic_score, novelty,
                                 prior_stability)
 
+    if restore_to is not None:
+        _check_restore_method(restore_method)
     limits = limits or RuleLimits.from_search(search)
     weights = weights or default_weights()
     n = ds.sizes["micrograph"]
-    raw = ds if gain_reference is None else ds.assign(image=ds["image"] * np.asarray(gain_reference, np.float32))
     measured = None
     if clean and n >= MIN_DATASET_MICROGRAPHS:
         measured = _resumable_defects(ds, gain_reference, defects, checkpoint)
@@ -1132,8 +1132,8 @@ def score_dataset(ds: xr.Dataset, *, search: CTFSearch = CTFSearch(), limits=Non
     ctf, measurements, vectors = _pass_results(fields, ds, clean=clean, search=search,
                                                descriptor_k=options["descriptor_k"], length=options["length"])
     if ctf_prior is not None:
-        ctf.attrs["ctf_prior"] = _prior_note(ds, ctf_prior, prior_window)
-    noise = noise_dataset(raw, ctf, prior=prior, measured=vectors)
+        ctf.attrs["ctf_prior"] = _prior_message(int(np.isfinite(scalars[:, -1]).sum()), n, prior_window)
+    noise = noise_dataset(ds, ctf, prior=prior, measured=vectors)  # from what was measured: no image read
     out = xr.merge([ctf, noise.drop_vars([v for v in noise.data_vars if v.startswith("band_share_")]),
                     measurements])
     shape = (ds.sizes["y"], ds.sizes["x"])

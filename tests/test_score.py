@@ -404,3 +404,13 @@ def test_a_restored_file_lost_after_its_chunk_was_kept_is_restored_again(sim_dir
                                                         "phase_shift_deg")})
     assert pipeline.restore_files(scored, [str(f) for f in files]) == 1
     np.testing.assert_array_equal(mrcfile.read(files[1]), lost)
+
+
+def test_an_unknown_restoration_method_is_refused_before_any_work(sim_dir, tmp_path):
+    from cryodask import pipeline
+    from cryodask.ingest import ingest
+
+    ds = ingest(str(sim_dir / "*.mrc"), str(tmp_path / "s.zarr"))
+    with pytest.raises(ValueError, match="method must be one of 'wiener', 'phaseflip', got 'phase_flip'"):
+        pipeline.score_dataset(ds, restore_to=str(tmp_path / "restored"), restore_method="phase_flip")
+    assert not (tmp_path / "restored").exists()
