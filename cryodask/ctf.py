@@ -42,12 +42,14 @@ __all__ = [
     "CTFFitWarning",
     "CTFSearch",
     "FitSpectrum",
+    "FrameTransform",
     "SectorCheck",
     "check_sectors",
     "clip_outliers",
     "estimate_ctf",
     "fill_excluded",
     "fit_spectrum",
+    "frame_transform",
 ]
 
 _POLY_DEGREE = 6
@@ -204,18 +206,54 @@ def fill_excluded(image, exclude, *, sigma_px: float = 8.0):
     return xp.where(keep > 0, x, local)
 
 
+@dataclass(frozen=True)
+class FrameTransform:
+    """The ``rfftn`` of a micrograph as the CTF's spectra see it (:func:`frame_transform`):
+    every spectrum of the micrograph, whatever the search's sampling, is binned from it,
+    so one serves all its fits (``transform=`` of :func:`fit_spectrum`,
+    :func:`estimate_ctf` and :func:`check_sectors`)."""
+
+    f: object  # (ny, nx // 2 + 1) complex, in the image's array namespace
+    shape: tuple
+    clip_sigma: float | None
+
+    def check(self, shape, clip_sigma):
+        """The transform, when made for an image of ``shape`` with this outlier guard."""
+        if tuple(shape) != self.shape or clip_sigma != self.clip_sigma:
+            raise ValueError(f"the transform is of a {self.shape} image clipped at {self.clip_sigma} sigma; "
+                             f"asked for a {tuple(shape)} image clipped at {clip_sigma} sigma")
+        return self.f
+
+
+def frame_transform(image, *, exclude=None, clip_sigma: float | None = 6.0) -> FrameTransform:
+    """The micrograph's excluded pixels filled (:func:`fill_excluded`), its outliers
+    clipped (:func:`clip_outliers`; ``clip_sigma`` None: not), and one ``rfftn``: what
+    :func:`fit_spectrum` bins. A caller that fits one micrograph more than once makes it
+    once and passes it on."""
+    xp = namespace(image)
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2D (y, x), got shape {tuple(image.shape)}")
+    if exclude is not None:
+        image = fill_excluded(image, exclude)
+    image = xp.astype(image, xp.float32, copy=False)
+    # Only the zero frequency depends on the image's mean, and the fit never uses it.
+    if clip_sigma is not None:
+        image = clip_outliers(image, clip_sigma)
+    return FrameTransform(fft_module(image).rfftn(image, axes=(0, 1)), tuple(image.shape), clip_sigma)
+
+
 def fit_spectrum(image, *, pixel_size_A: float, search: CTFSearch = CTFSearch(),
                  voltage_kV: float = 300.0, k_limit: float | None = None,
-                 clip_sigma: float | None = 6.0) -> FitSpectrum:
+                 clip_sigma: float | None = 6.0, transform: FrameTransform | None = None) -> FitSpectrum:
     """The block-averaged power spectrum of a micrograph over the disc ``|k| <= k_limit``.
 
-    One ``rfftn`` of the mean-subtracted image; the power is computed only inside the
-    disc's bounding box and averaged in blocks (see the module notes). Pixels further than
-    ``clip_sigma`` robust standard deviations from the median are first set to the median
-    (:func:`clip_outliers`); ``None`` turns that off.
+    One ``rfftn`` of the image; the power is computed only inside the disc's bounding box
+    and averaged in blocks (see the module notes). Pixels further than ``clip_sigma``
+    robust standard deviations from the median are first set to the median
+    (:func:`clip_outliers`); ``None`` turns that off. ``transform``: the image's
+    :func:`frame_transform` (made with the same ``clip_sigma``) when the caller has it.
     """
     xp = namespace(image)
-    fft = fft_module(image)
     if image.ndim != 2:
         raise ValueError(f"image must be 2D (y, x), got shape {tuple(image.shape)}")
     ny, nx = image.shape
@@ -226,11 +264,9 @@ def fit_spectrum(image, *, pixel_size_A: float, search: CTFSearch = CTFSearch(),
     lam = electron_wavelength_A(voltage_kV)
     by = _bin_factor(ny, pixel_size_A, search, lam)
     bx = _bin_factor(nx, pixel_size_A, search, lam)
-    image = xp.astype(image, xp.float32, copy=False)
-    # Only the zero frequency depends on the image's mean, and the fit never uses it.
-    if clip_sigma is not None:
-        image = clip_outliers(image, clip_sigma)
-    f = fft.rfftn(image, axes=(0, 1))
+    if transform is None:
+        transform = frame_transform(image, clip_sigma=clip_sigma)
+    f = transform.check(image.shape, clip_sigma)
     my = min(int(math.ceil(k_limit * ny * pixel_size_A)) + by, ny // 2)
     mx = min(int(math.ceil(k_limit * nx * pixel_size_A)) + bx, nx // 2)
     ry = (2 * my // by) * by
@@ -240,7 +276,7 @@ def fit_spectrum(image, *, pixel_size_A: float, search: CTFSearch = CTFSearch(),
     power = xp.mean(xp.reshape(power, (ry // by, by, cx // bx, bx)), axis=(1, 3))
     fy = (np.arange(-(ry // 2), ry - ry // 2) / (ny * pixel_size_A)).reshape(-1, by).mean(1)
     fx = (np.arange(cx) / (nx * pixel_size_A)).reshape(-1, bx).mean(1)
-    device = _device(image)
+    device = _device(f)
     ky = xp.asarray(fy.astype(np.float32).reshape(-1, 1), device=device)
     kx = xp.asarray(fx.astype(np.float32).reshape(1, -1), device=device)
     power = power / float(ny * nx)
@@ -340,7 +376,7 @@ def _ncc_1d(profile, weights, models, projector):
 def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm: float = 2.7,
                  amplitude_contrast: float = 0.07, search: CTFSearch = CTFSearch(),
                  clip_sigma: float | None = 6.0, exclude=None, warn: bool = True,
-                 return_spectrum: bool = False):
+                 return_spectrum: bool = False, transform: FrameTransform | None = None):
     """Estimate the CTF of one micrograph.
 
     Parameters
@@ -362,6 +398,9 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
         ``reliable`` turn it off (warning filters are not thread-safe).
     return_spectrum : bool
         Also return the :class:`FitSpectrum` the fit used.
+    transform : FrameTransform, optional
+        The image's :func:`frame_transform` (same ``exclude`` and ``clip_sigma``), when the
+        caller has it: fits of one micrograph under other searches share it.
 
     Returns
     -------
@@ -393,10 +432,10 @@ def estimate_ctf(image, *, pixel_size_A: float, voltage_kV: float = 300.0, cs_mm
         raise ValueError(f"the fit band {search.min_resolution_A}-{search.max_resolution_A} Å does not "
                          f"fit below Nyquist ({2 * pixel_size_A:.2f} Å) at {pixel_size_A} Å/pixel")
     k_res = min(0.98 * nyquist, max(k_hi, 1.0 / 3.0))
-    if exclude is not None:
-        image = fill_excluded(image, exclude)
+    if transform is None:
+        transform = frame_transform(image, exclude=exclude, clip_sigma=clip_sigma)
     spec = fit_spectrum(image, pixel_size_A=pixel_size_A, search=search, voltage_kV=voltage_kV,
-                        k_limit=k_res, clip_sigma=clip_sigma)
+                        k_limit=k_res, clip_sigma=clip_sigma, transform=transform)
     if not float(xp.max(spec.power)) > 0:
         return _unreliable(search, "the image has no variance", return_spectrum, spec, warn)
     log_power = xp.log(spec.power + 1e-6 * xp.mean(spec.power))
@@ -603,7 +642,7 @@ class SectorCheck:
 
 def check_sectors(image, params: CTFParams, *, pixel_size_A: float, search: CTFSearch = CTFSearch(),
                   exclude=None, clip_sigma: float | None = 6.0, n_sectors: int = _N_SECTORS,
-                  tolerance: float = 0.03) -> SectorCheck:
+                  tolerance: float = 0.03, transform: FrameTransform | None = None) -> SectorCheck:
     """Whether the Thon rings of every angular sector agree with one CTF.
 
     The spectrum (as :func:`estimate_ctf` sees it) is split into ``n_sectors`` sectors over
@@ -625,6 +664,9 @@ def check_sectors(image, params: CTFParams, *, pixel_size_A: float, search: CTFS
     tolerance : float
         Allowed defocus disagreement as a fraction of the mean defocus (at least 1.5 steps
         of the search grid).
+    transform : FrameTransform, optional
+        The image's :func:`frame_transform` (same ``exclude`` and ``clip_sigma``), when the
+        caller has it.
     """
     if n_sectors < 3:
         raise ValueError(f"n_sectors must be >= 3, got {n_sectors!r}")
@@ -635,10 +677,10 @@ def check_sectors(image, params: CTFParams, *, pixel_size_A: float, search: CTFS
     nyquist = 0.5 / pixel_size_A
     k_lo = 1.0 / search.min_resolution_A
     k_hi = min(1.0 / search.max_resolution_A, 0.98 * nyquist)
-    if exclude is not None:
-        image = fill_excluded(image, exclude)
+    if transform is None:
+        transform = frame_transform(image, exclude=exclude, clip_sigma=clip_sigma)
     spec = fit_spectrum(image, pixel_size_A=pixel_size_A, search=search, voltage_kV=params.voltage_kV,
-                        k_limit=k_hi, clip_sigma=clip_sigma)
+                        k_limit=k_hi, clip_sigma=clip_sigma, transform=transform)
     log_power = xp.log(spec.power + 1e-6 * xp.mean(spec.power))
     dk = float(to_numpy(spec.kx[0, 1] - spec.kx[0, 0])) if spec.kx.shape[1] > 1 else k_hi
     shells = _Shells(spec, k_lo, k_hi, max(8, int((k_hi - k_lo) / dk)))

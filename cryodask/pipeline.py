@@ -113,7 +113,10 @@ def _spectrum_stack(images, *, tile_size, overlap):
     return xp.reshape(out, (*images.shape[:-2], tile_size, tile_size // 2 + 1))
 
 
-def _ctf_block(images, pixel, voltage, cs, ac, exclude, prior, *, search, clip_sigma, prior_window):
+def _ctf_block(images, pixel, voltage, cs, ac, exclude, prior, *, search, clip_sigma, prior_window,
+               transforms=None):
+    """The CTF fits of a chunk of micrographs (rows of :data:`CTF_VARIABLES`); ``transforms``:
+    each micrograph's :func:`cryodask.ctf.frame_transform` when the caller has them."""
     out = np.empty((images.shape[0], len(CTF_VARIABLES)), dtype=np.float64)
     for i in range(images.shape[0]):
         searched = search
@@ -124,7 +127,7 @@ def _ctf_block(images, pixel, voltage, cs, ac, exclude, prior, *, search, clip_s
         fit = estimate_ctf(images[i], pixel_size_A=float(pixel[i]), voltage_kV=float(voltage[i]),
                            cs_mm=float(cs[i]), amplitude_contrast=float(ac[i]), search=searched,
                            exclude=exclude[i] if exclude.ndim == 3 else None, clip_sigma=clip_sigma,
-                           warn=False)
+                           warn=False, transform=None if transforms is None else transforms[i])
         out[i] = [fit.defocus_u_A, fit.defocus_v_A, fit.defocus_angle_deg, fit.phase_shift_deg,
                   fit.cc, fit.fit_resolution_A, float(fit.reliable)]
     return out
@@ -848,6 +851,7 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
     from cryodask.artifacts import DEFECT, HOT_PIXEL, XRAY
     from cryodask.causal import measure_noise
     from cryodask.clean import clean_one
+    from cryodask.ctf import frame_transform
     from cryodask.regions import CONTAMINATION, REGION_CODES, VACUUM, classify_regions
     from cryodask.restore import SpectralGrid, phase_flip, wiener_filter
     from cryodask.score import MEASUREMENTS, measure_micrograph
@@ -876,8 +880,10 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
                 out[i, layout["extra"]] = ([np.count_nonzero(mask == code) for code in (HOT_PIXEL, XRAY, DEFECT)]
                                            + [np.mean(regions == code) for code in REGION_CODES])
             left_out = np.zeros(1, bool) if exclude is None else exclude[None]
+            # One transform for the CTF fit, the sector check and the refit of the rules.
+            transform = frame_transform(work, exclude=exclude, clip_sigma=6.0)
             fit = _ctf_block(work[None], pixel, voltage, cs, ac, left_out, centre, search=search, clip_sigma=6.0,
-                             prior_window=prior_window)[0]
+                             prior_window=prior_window, transforms=[transform])[0]
             out[i, layout["ctf"]] = fit
             # The later kernels take the CTF as it is stored (float32).
             u, v, angle, phase = (float(np.float32(fit[j])) for j in range(4))
@@ -893,7 +899,8 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
             # a prior that forced a fit shows as irreproducible.
             found, descriptor = measure_micrograph(raw[0], work, params, pixel_size_A=float(pixel[0]), search=search,
                                                    exclude=exclude, defects=defects, descriptor_k=descriptor_k,
-                                                   grid=grid)
+                                                   grid=grid, transform=transform)
+            del transform
             out[i, layout["measure"]] = [found[name] for name in MEASUREMENTS] + list(descriptor)
             if params is not None:
                 out[i, layout["noise"]] = measure_noise(

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.fft
 
-from cryodask.ctf import CTFSearch, _bin_factor, check_sectors, estimate_ctf, fill_excluded
+from cryodask.ctf import CTFSearch, _bin_factor, check_sectors, estimate_ctf, frame_transform
 from cryodask.physics import CTFParams, electron_wavelength_A
 # The ice's physics is the simulator's (one description, DESIGN.md): the inelastic mean free
 # path of the thickness estimate ``t = λ ln(I0 / I)`` and the spacing of the amorphous-ice ring.
@@ -218,7 +218,7 @@ def ice_ring_position(k, power, *, scales=np.geomspace(0.8, 1.25, 150), widths=(
 
 def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: float,
                        search: CTFSearch = CTFSearch(), exclude=None, defects=None,
-                       descriptor_k=None, grid=None) -> tuple[dict, np.ndarray]:
+                       descriptor_k=None, grid=None, transform=None) -> tuple[dict, np.ndarray]:
     """The measurements the rules, ΔRepro and Novelty need, for one micrograph.
 
     Parameters
@@ -241,6 +241,9 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
         0.9 Nyquist.
     grid : cryodask.restore.SpectralGrid, optional
         The micrograph's under ``params``, when the caller has it.
+    transform : cryodask.ctf.FrameTransform, optional
+        ``frame_transform(cleaned, exclude=exclude)``, when the caller has it (the CTF fit
+        of the same micrograph makes it).
 
     Returns
     -------
@@ -295,10 +298,11 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
                                                                                      pixel_size_A)
     ctf2_2d = grid.ctf2
 
-    # Thon rings sector by sector, and the refit below, on the image with its excluded
-    # regions filled once.
-    filled = x if exclude is None else fill_excluded(x, exclude)
-    sectors = check_sectors(filled, params, pixel_size_A=pixel_size_A, search=search)
+    # Thon rings sector by sector, and the refit below, from one transform of the image
+    # with its excluded regions filled.
+    if transform is None:
+        transform = frame_transform(x, exclude=exclude)
+    sectors = check_sectors(x, params, pixel_size_A=pixel_size_A, search=search, transform=transform)
     se = 1.0 / np.sqrt(np.maximum(sectors.n_pixels, 1))
     ok = np.isfinite(sectors.cc)
     if ok.sum() >= 3:
@@ -331,9 +335,9 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
     if other != factor:
         from dataclasses import replace
 
-        refit = estimate_ctf(filled, pixel_size_A=pixel_size_A, voltage_kV=params.voltage_kV, cs_mm=params.cs_mm,
+        refit = estimate_ctf(x, pixel_size_A=pixel_size_A, voltage_kV=params.voltage_kV, cs_mm=params.cs_mm,
                              amplitude_contrast=params.amplitude_contrast,
-                             search=replace(search, box_size=max(n // other, 64)), warn=False)
+                             search=replace(search, box_size=max(n // other, 64)), warn=False, transform=transform)
         mean = 0.5 * (params.defocus_u_A + params.defocus_v_A)
         if np.isfinite(refit.mean_defocus_A):
             out["refit_defocus_change"] = abs(refit.mean_defocus_A - mean) / mean

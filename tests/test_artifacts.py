@@ -112,3 +112,33 @@ def test_fano_factor_is_the_one_find_impulses_measures():
     assert 1.8 < A.fano_factor(counts) < 2.2
     assert A.fano_factor(rng.normal(size=(64, 64))) == 0.0  # not counts
     assert A.fano_factor(np.full((32, 32), 5.0)) == 0.0
+
+
+def test_cluster_boxes_are_the_ones_find_objects_gives():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(11)
+    above = rng.random((120, 90)) > 0.93  # many small components, some touching the edges
+    labels, n = ndimage.label(above, structure=np.ones((3, 3), bool))
+    where = np.nonzero(above)
+    wanted = np.flatnonzero(np.bincount(labels[where], minlength=n + 1) > 1)
+    assert wanted.size > 20
+    boxes = A._bounding_boxes(where, labels[where], wanted)
+    objects = ndimage.find_objects(labels)
+    assert boxes == [(objects[i - 1][0].start, objects[i - 1][0].stop, objects[i - 1][1].start,
+                      objects[i - 1][1].stop) for i in wanted]
+    assert A._bounding_boxes(where, labels[where], wanted[:0]) == []
+
+
+def test_finding_impulses_leaves_the_image_as_it_was():
+    rng = np.random.default_rng(4)
+    image = rng.poisson(20.0, size=(200, 180)).astype(np.float32)
+    image[50:53, 60:62] += 500.0  # an X-ray cluster, grown in the second look
+    image[120, 30] += 400.0
+    before = image.copy()
+    found = A.find_impulses(image)
+    np.testing.assert_array_equal(image, before)
+    assert found.mask[51, 61] == A.XRAY and found.mask[120, 30] == A.HOT_PIXEL
+    flat = np.full((64, 64), 3.0, np.float32)  # no spread: the reference is a copy
+    A.find_impulses(flat).reference[0, 0] = 7.0
+    assert flat[0, 0] == 3.0

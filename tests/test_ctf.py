@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import pytest
 
-from cryodask.ctf import CTFFitWarning, CTFSearch, estimate_ctf, fit_spectrum
+from cryodask.ctf import CTFFitWarning, CTFSearch, check_sectors, estimate_ctf, fit_spectrum, frame_transform
 from cryodask.simulate import MicrographParams, simulate_micrograph
 
 
@@ -49,6 +49,26 @@ def test_result_does_not_depend_on_array_type(xp):
     out = estimate_ctf(xp.asarray(image), pixel_size_A=1.0)
     assert out.mean_defocus_A == pytest.approx(ref.mean_defocus_A, rel=1e-3)
     assert _angle_error(out.defocus_angle_deg, ref.defocus_angle_deg) < 1.0
+
+
+def test_fits_sharing_one_frame_transform_give_what_each_gives_alone():
+    params, image = _sim(seed=6, shape=(512, 512), defocus_u_A=15500, defocus_v_A=14500, defocus_angle_deg=30)
+    exclude = np.zeros(image.shape, bool)
+    exclude[:100, :150] = True
+    transform = frame_transform(image, exclude=exclude)
+    for search in (CTFSearch(), CTFSearch(box_size=128), CTFSearch(min_defocus_A=12000, max_defocus_A=18000)):
+        alone = estimate_ctf(image, pixel_size_A=1.0, search=search, exclude=exclude)
+        shared = estimate_ctf(image, pixel_size_A=1.0, search=search, exclude=exclude, transform=transform)
+        assert shared == alone
+    alone = check_sectors(image, params.ctf, pixel_size_A=1.0, exclude=exclude)
+    shared = check_sectors(image, params.ctf, pixel_size_A=1.0, transform=transform)
+    np.testing.assert_array_equal(shared.cc, alone.cc)
+    np.testing.assert_array_equal(shared.defocus_A, alone.defocus_A)
+    # A transform made for another image shape or outlier guard is refused.
+    with pytest.raises(ValueError, match="clipped at 6.0 sigma; asked for a .* clipped at None"):
+        estimate_ctf(image, pixel_size_A=1.0, clip_sigma=None, transform=transform)
+    with pytest.raises(ValueError, match=r"\(512, 512\) image .* asked for a \(512, 256\) image"):
+        fit_spectrum(image[:, :256], pixel_size_A=1.0, transform=transform)
 
 
 def test_phase_shift_is_recovered():
