@@ -93,18 +93,21 @@ def micrograph_statistics(image, mask):
         ``impulse`` is 1 for hot pixels and X-rays.
     """
     xp = namespace(image)
-    x = xp.astype(image, xp.float32)
+    x = xp.astype(image, xp.float32, copy=False)
     impulse = (mask == HOT_PIXEL) | (mask == XRAY)
-    valid = ~impulse
-    mean = float(xp.sum(xp.where(valid, x, xp.zeros_like(x))) / max(float(xp.sum(xp.astype(valid, xp.float32))), 1.0))
+    # Each plane written in place (stacked, four temporaries were copied once more); the
+    # impulses are few, so they are zeroed by index rather than by a whole-image select.
+    out = xp.empty((N_STATISTICS, *x.shape), dtype=xp.float32)
+    out[0, ...] = x
+    out[0, ...][impulse] = 0.0
+    n_valid = x.shape[0] * x.shape[1] - int(xp.count_nonzero(impulse))
+    mean = float(xp.sum(out[0, ...])) / max(float(n_valid), 1.0)
     if not mean > 0:
         mean = 1.0
-    # Each plane written in place (stacked, four temporaries were copied once more).
-    out = xp.empty((N_STATISTICS, *x.shape), dtype=xp.float32)
-    out[0, ...] = xp.where(valid, x / mean, xp.zeros_like(x))
-    out[1, ...] = xp.astype(valid, xp.float32)
-    out[2, ...] = xp.astype(x < 0.05 * mean, xp.float32)
+    out[0, ...] /= mean
     out[3, ...] = xp.astype(impulse, xp.float32)
+    out[1, ...] = 1.0 - out[3, ...]
+    out[2, ...] = xp.astype(x < 0.05 * mean, xp.float32)
     return out
 
 

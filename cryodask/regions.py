@@ -142,7 +142,7 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
     mean = t.mean(axis=(2, 3))
     diffs = np.diff(t, axis=3)
     noise = 1.4826 * np.median(np.abs(diffs - np.median(diffs, axis=(2, 3), keepdims=True)),
-                               axis=(2, 3)) / np.sqrt(2.0)
+                               axis=(2, 3), overwrite_input=True) / np.sqrt(2.0)  # a temporary: no copy
     window = np.hanning(tile_px)
     spectra = np.abs(scipy.fft.rfft2((t - mean[..., None, None]) * np.outer(window, window))) ** 2
     fy = np.abs(np.fft.fftfreq(tile_px))[:, None]
@@ -151,7 +151,7 @@ def classify_regions(image, *, tile_px: int = 64, artifact_mask=None,
     high = spectra[..., (f > 0.7) & (f <= 1.0)].mean(axis=-1)
     shape_ = spectra / np.maximum(high, 1e-30)[..., None, None]  # spectra on their own noise level
     band = (f > 0.1) & (f < 0.4)
-    reference = np.median(shape_[..., band], axis=(0, 1))  # the median tile's spectral shape
+    reference = np.median(shape_[..., band], axis=(0, 1), overwrite_input=True)  # the median tile's spectral shape
     ratio = (shape_[..., band] / np.maximum(reference, 1e-30)).mean(axis=-1)
 
     m_spread = max(_neighbour_spread(mean), 3.0 * float(np.median(noise)) / tile_px, 1e-12)

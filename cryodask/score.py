@@ -267,10 +267,10 @@ def measure_micrograph(raw, cleaned, params: CTFParams | None, *, pixel_size_A: 
         fano = fano_factor(x)
         out["fano"] = fano if fano > 0 else float("nan")
     out["mean_counts"] = float(x.mean())
-    good = np.ones(raw.shape, bool) if defects is None else ~np.asarray(defects, bool)
-    top = float(raw[good].max())
+    judged = raw if defects is None else raw[~np.asarray(defects, bool)]
+    top = float(judged.max())
     out["saturation_value"] = top
-    out["saturated_fraction"] = float((raw[good] == top).mean())
+    out["saturated_fraction"] = float((judged == top).mean())
 
     power, ky, kx = _radial_power(x, pixel_size_A)
     if descriptor_k is None:

@@ -115,3 +115,20 @@ def test_defect_file(tmp_path):
     path.write_text("10 0 1 1\n")
     with pytest.raises(ValueError, match="outside"):
         read_defect_file(path, (4, 6))
+
+
+def test_micrograph_statistics_planes_on_any_array_namespace(xp):
+    rng = np.random.default_rng(8)
+    image = rng.poisson(12.0, size=(40, 56)).astype(np.float32)
+    image[3, 4] = -1.0  # below 5 % of the mean
+    mask = np.zeros(image.shape, np.uint8)
+    mask[10, 11], mask[20, 21:23], mask[30, :] = A.HOT_PIXEL, A.XRAY, A.DEFECT
+    impulse = (mask == A.HOT_PIXEL) | (mask == A.XRAY)
+    mean = image[~impulse].mean(dtype=np.float64)
+    found = micrograph_statistics(xp.asarray(image), xp.asarray(mask))
+    out = np.asarray(found.get() if hasattr(found, "get") else found)
+    assert out.shape == (4, 40, 56) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], np.where(impulse, 0.0, image / mean), rtol=1e-6)
+    np.testing.assert_array_equal(out[1], ~impulse)  # defects are not impulses: valid
+    np.testing.assert_array_equal(out[2], image < 0.05 * mean)
+    np.testing.assert_array_equal(out[3], impulse)
