@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import sys
 import warnings
 
 import dask
 import dask.config
 
-__all__ = ["compute", "compute_each", "keep_large_blocks", "trim_memory"]
+__all__ = ["ALLOCATOR_ENVIRON", "allocator_environ_to_set", "compute", "compute_each", "keep_large_blocks",
+           "trim_memory"]
 
 
 def _current_client():
@@ -184,30 +186,43 @@ def trim_memory() -> int:
 
 
 #: glibc's ``mallopt`` parameters.
-_M_ARENA_MAX, _M_MMAP_THRESHOLD = -8, -3
-#: Blocks smaller than this come from the allocator's heap, where freed memory is used
-#: again, rather than as fresh pages from the system each time.
-LARGE_BLOCK_BYTES = 1 << 30
+_M_ARENA_MAX, _M_MMAP_MAX = -8, -4
 #: The same two settings as environment variables, for processes not yet started (Dask
-#: workers: ``distributed.nanny.pre-spawn-environ``).
-ALLOCATOR_ENVIRON = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(LARGE_BLOCK_BYTES)}
+#: workers: ``distributed.nanny.pre-spawn-environ``; the installed command line,
+#: :func:`cryodask.cli.console`). glibc reads them as a process starts, before any thread
+#: has taken an arena of its own.
+ALLOCATOR_ENVIRON = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0"}
 
 
 def keep_large_blocks() -> bool:
     """Let the C allocator reuse the memory of freed micrograph-sized arrays (glibc; else
-    nothing is done): one arena for all threads, and blocks up to
-    :data:`LARGE_BLOCK_BYTES` from its heap. By default glibc gives every block above
-    32 MB -- at 4096², each float32 half-plane spectrum, each float64 image -- fresh pages
-    from the system, and touching them costs more than much of the arithmetic: the
-    pipeline on 4 micrographs of 4096² on two threads took 6.6 s per micrograph, 5.3 s
-    so (peak resident memory 3.0 -> 3.2 GB; more blocks alone: 6.2 s and 3.7 GB, the
-    threads' own arenas being capped at 64 MB). The command line sets it for its process
-    and the worker processes cryodask starts; the freed memory is still handed back
-    between chunks (:func:`trim_memory`). Returns True if both settings took."""
+    nothing is done): one arena for all threads, and every block from its heap. By default
+    glibc gives every block above 32 MB -- at 4096², each float32 half-plane spectrum,
+    each float64 image -- fresh pages from the system, and touching them costs more than
+    much of the arithmetic (on this project's 2-core virtual machine, a page fault costs
+    ~18 µs). A thread's own arena holds no block above 64 MB: it too takes fresh pages.
+    Set at run time, the settings miss the arenas of threads already running (OpenBLAS
+    starts its threads when NumPy is imported): the pipeline on 8 micrographs of 4096² on
+    two threads took 3.98 s per micrograph with them set so, 3.44-3.53 s with them in the
+    environment when the process started (:data:`ALLOCATOR_ENVIRON`), 4.23 s with neither
+    (system time 1.94, 0.86-1.12 and 2.81 s per micrograph; peak resident memory 2.82,
+    2.92-3.03 and 2.98 GB). The command line and the worker processes cryodask starts
+    have them from their start; this call sets them for a process already running. The
+    freed memory is still handed back between chunks (:func:`trim_memory`). Returns True
+    if both settings took."""
     libc = _glibc()
     if not libc:
         return False
-    return bool(libc.mallopt(_M_ARENA_MAX, 1)) & bool(libc.mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES))
+    return bool(libc.mallopt(_M_ARENA_MAX, 1)) & bool(libc.mallopt(_M_MMAP_MAX, 0))
+
+
+def allocator_environ_to_set() -> dict:
+    """The settings of :data:`ALLOCATOR_ENVIRON` for a process about to start, when this
+    process's environment has none of them and the C library is glibc; else empty (a
+    user's own setting of any of them is kept)."""
+    if not _glibc() or any(name in os.environ for name in ALLOCATOR_ENVIRON):
+        return {}
+    return dict(ALLOCATOR_ENVIRON)
 
 
 def _glibc():
@@ -270,7 +285,6 @@ def _stream_distributed(client, dsk, dependencies, parts, wanted, window, progre
 
 def _stream_local(dsk, dependencies, parts, wanted, window, progress) -> dict:
     import concurrent.futures
-    import os
 
     import dask.local
     import dask.threaded

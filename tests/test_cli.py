@@ -90,3 +90,27 @@ def test_bench_over_several_counts_runs_each_in_its_own_process(tmp_path, capsys
     assert all(set(run["stages"]) == {"ingest", "floor"} and run["stages_seconds"] == 0 for run in result["runs"])
     text = capsys.readouterr().out
     assert "pipeline s / micrograph" in text and "pipeline peak GB" in text
+
+
+def _allocator_log(tmp_path, environ):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(environ)
+    result = subprocess.run([sys.executable, "-m", "cryodask.cli", "-v", "simulate", str(tmp_path / "sim"),
+                             "--count", "1", "--size", "256"], capture_output=True, text=True, env=env, check=True)
+    return [line for line in result.stderr.splitlines() if "C allocator settings" in line]
+
+
+def test_a_computing_command_runs_with_the_allocator_settings_from_its_start(tmp_path):
+    import platform
+
+    from cryodask.progress import ALLOCATOR_ENVIRON
+
+    (line,) = _allocator_log(tmp_path, {})
+    expected = ALLOCATOR_ENVIRON if platform.libc_ver()[0] == "glibc" else {}
+    for name in ALLOCATOR_ENVIRON:
+        assert f"{name}={expected.get(name, '(unset)')}" in line
+    # A user's own setting is kept, and no other is added.
+    (line,) = _allocator_log(tmp_path, {"MALLOC_ARENA_MAX": "4"})
+    assert "MALLOC_ARENA_MAX=4" in line and "MALLOC_MMAP_MAX_=(unset)" in line

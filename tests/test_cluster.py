@@ -100,8 +100,7 @@ def _profiling(dask_worker):
 
 
 def _allocator_environ():
-    return tuple(os.environ.get(name) for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",
-                                                   "MALLOC_TRIM_THRESHOLD_"))
+    return {name: os.environ.get(name) for name in (*ALLOCATOR_ENVIRON, "MALLOC_TRIM_THRESHOLD_")}
 
 
 def test_keep_large_blocks_takes_on_glibc():
@@ -122,9 +121,8 @@ def test_local_cluster_matches_threads_and_leaves_no_process(sim_dir, tmp_path):
         # Each worker's C allocator reuses freed micrograph-sized arrays (speed), and
         # Dask's own settings for the workers are kept.
         environ = client.run(_allocator_environ).values()
-        assert all(e == (ALLOCATOR_ENVIRON["MALLOC_ARENA_MAX"], ALLOCATOR_ENVIRON["MALLOC_MMAP_THRESHOLD_"],
-                         str(dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"]))
-                   for e in environ)
+        trim = str(dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"])
+        assert all(e == {**ALLOCATOR_ENVIRON, "MALLOC_TRIM_THRESHOLD_": trim} for e in environ)
         result = _ingest_values(sim_dir, tmp_path / "local.zarr")
     np.testing.assert_array_equal(result[0], reference[0])
     np.testing.assert_array_equal(result[1], reference[1])
