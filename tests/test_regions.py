@@ -98,3 +98,16 @@ def test_median_at_few_pixels_is_the_median_filter():
     np.testing.assert_array_equal(_median_at(x, where, 5), ndimage.median_filter(x, size=5)[where])
     many = rng.random(x.shape) < 0.5  # the whole filter then
     np.testing.assert_array_equal(_median_at(x, many, 3), ndimage.median_filter(x, size=3)[many])
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 16, 15), (2, 3, 7, 7), (1, 2, 4, 5)])
+def test_tile_medians_are_numpys(shape):
+    from cryodask.regions import _tile_median
+
+    values = np.random.default_rng(shape[2]).normal(size=shape).astype(np.float32)
+    values[0, 1, 2, 3] = np.nan  # a tile with a NaN has a NaN median, as in NumPy
+    expected = np.median(values, axis=(2, 3))
+    found = _tile_median(values.copy())
+    assert found.dtype == np.float32
+    np.testing.assert_array_equal(found, expected)
+    assert np.isnan(found[0, 1])
