@@ -70,6 +70,28 @@ def test_the_dataset_pass_in_groups_finds_what_it_finds_whole(dirty, tmp_path, m
     assert len(computed) == 2
 
 
+def test_chunks_of_several_micrographs_are_cleaned_and_summed_whole(dirty, tmp_path):
+    # The dataset pass and the cleaning took a chunk's first micrograph alone.
+    import dask
+
+    from cryodask import clean
+
+    ds = ingest(str(dirty / "mic_*.mrc"), tmp_path / "s.zarr")
+    several = ds.chunk({"micrograph": 3})
+    assert several["image"].chunks[0] == (3, 3, 2)
+    one, three = clean.measure_defects(ds), clean.measure_defects(several)
+    np.testing.assert_array_equal(three.defects, one.defects)
+    np.testing.assert_array_equal(three.gain, one.gain)
+    np.testing.assert_array_equal(three.gain_error_power, one.gain_error_power)
+    a = clean_dataset(ds, measured=one).compute()
+    b = clean_dataset(several, measured=three).compute()
+    for name in ("image_clean", "artifact_mask", "n_hot_pixels", "n_xray_pixels"):
+        np.testing.assert_array_equal(b[name].values, a[name].values)
+    with dask.config.set({"cryodask.dataset-pass-group": 0}):
+        with pytest.raises(ValueError, match="cryodask.dataset-pass-group' must be in 1..65535, got 0"):
+            clean.measure_defects(ds)
+
+
 def test_single_micrograph_mode_changes_only_masked_pixels(dirty, tmp_path):
     ds = ingest(str(dirty / "mic_000[01].mrc"), tmp_path / "s.zarr")
     out = clean_dataset(ds, dataset_defects=False).compute()
