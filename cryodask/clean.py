@@ -69,8 +69,8 @@ def _stats_block(block, gain, defects):
 def _compact_stats(stats):
     """A micrograph's statistics as the dataset pass sums them: the normalised image
     (float32) and the counts of low and impulse pixels (uint16, exact for up to 65 535
-    micrographs of a group). The valid plane is one less the impulse plane: its sum is
-    the group's count less the impulses' (:func:`_full_stats`). Held by the pass's tree of
+    micrographs of a group). The valid plane is one minus the impulse plane: its sum is
+    the group's count minus the impulses' (:func:`_full_stats`). Held by the pass's tree of
     sums: at 4096², 134 MB a micrograph where the four float32 planes are 268 MB."""
     return stats[0].copy(), np.stack([stats[2], stats[3]]).astype(np.uint16)
 
