@@ -855,12 +855,12 @@ def console() -> int:
     """The installed ``cryodask`` command: :func:`main` on the command line's arguments.
 
     A computing command first starts its process once more, with the C allocator's
-    settings of :data:`cryodask.progress.ALLOCATOR_ENVIRON` in the environment: glibc
-    takes them fully only as a process starts (OpenBLAS's threads, started when NumPy was
-    imported, keep arenas of their own), and with them the pipeline on 8 micrographs of
-    4096² ran 3.72 s per micrograph rather than 4.61 s (``cryodask bench --size 4096
-    --count 8``). Nothing is done when any of those variables is set already (a user's
-    choice is kept), for help, or where the C library is not glibc.
+    settings of :data:`cryodask.progress.ALLOCATOR_ENVIRON` in the environment: set at
+    run time they take less well (:func:`cryodask.progress.keep_large_blocks`); from the
+    start, the pipeline on 8 micrographs of 4096² ran 3.72 s per micrograph rather than
+    4.61 s (``cryodask bench --size 4096 --count 8``). Nothing is done when any of those
+    variables is set already (a user's choice is kept), for help, or where the C library
+    is not glibc.
     """
     from cryodask.progress import allocator_environ_to_set
 

@@ -200,16 +200,18 @@ def keep_large_blocks() -> bool:
     glibc gives every block above 32 MB -- at 4096², each float32 half-plane spectrum,
     each float64 image -- fresh pages from the system, and touching them costs more than
     much of the arithmetic (on this project's 2-core virtual machine, one thread: 3.3 s of
-    system time per micrograph for 179 000 page faults, against 4.8 s of its own). A thread's own arena holds no block above 64 MB: it too takes fresh pages.
-    Set at run time, the settings miss the arenas of threads already running (OpenBLAS
-    starts its threads when NumPy is imported): the pipeline on 8 micrographs of 4096² on
-    two threads took 3.98-3.99 s per micrograph with them set so, 3.53-3.64 s with them in
-    the environment when the process started (:data:`ALLOCATOR_ENVIRON`), 4.23 s with
-    neither (system time 1.65-1.94, 1.12-1.18 and 2.81 s per micrograph; peak resident
-    memory 2.82-2.92, 2.92-2.94 and 2.98 GB). The command line and the worker processes
-    cryodask starts have them from their start; this call sets them for a process already
-    running. The freed memory is still handed back between chunks (:func:`trim_memory`).
-    Returns True if both settings took."""
+    system time per micrograph for 179 000 page faults, against 4.8 s of its own). A
+    thread's own arena holds no block above 64 MB: it too takes fresh pages. Set at run
+    time, the settings take less well than from the process's start, most likely because
+    threads already running keep their arenas (the process has OpenBLAS's threads once
+    NumPy is imported): the pipeline on 8 micrographs of 4096² on two threads took
+    3.98-3.99 s per micrograph with them set so, 3.53-3.64 s with them in the environment
+    when the process started (:data:`ALLOCATOR_ENVIRON`), 4.23 s with neither (system time
+    1.65-1.94, 1.12-1.18 and 2.81 s per micrograph; peak resident memory 2.82-2.92,
+    2.92-2.94 and 2.98 GB). The command line and the worker processes cryodask starts have
+    them from their start; this call sets them for a process already running. The freed
+    memory is still handed back between chunks (:func:`trim_memory`). Returns True if both
+    settings took."""
     libc = _glibc()
     if not libc:
         return False
