@@ -296,10 +296,9 @@ def measure_noise(image, params: CTFParams, *, pixel_size_A: float, gain_estimat
     del f
     if grid is None:
         grid = SpectralGrid(clean.shape, params, pixel_size_A)
-    ky, kx, ctf2 = grid.check(clean.shape, params, pixel_size_A).ky, grid.kx, grid.ctf2
+    ky, kx, ctf2, kk = grid.check(clean.shape, params, pixel_size_A).ky, grid.kx, grid.ctf2, grid.k
     k, signal, noise = fit_signal_noise(clean, params, pixel_size_A=pixel_size_A, power=power * clean.size,
                                         grid=grid, n_shells=_fit_shells(clean.shape))
-    kk = np.sqrt(ky**2 + kx**2) + 0 * kx
     weight = np.where(kx == 0, 1.0, 2.0) + 0 * ky  # the half plane counts its mirror once more
     low = (kk > 0) & (kk < 1.0 / 200.0)
     smooth_gain, gain_power, gain_error, gain_white = 0.0, np.zeros_like(k), np.zeros_like(k), 0.0

@@ -173,11 +173,14 @@ def _clean_block(block, gain, divisor, defects, index, *, seed):
 
 
 def clean_one(image, gain, divisor, defects, index: int, *, seed: int):
-    """One micrograph as :func:`clean_dataset` corrects it: times ``gain``, over ``divisor``,
-    its impulses and ``defects`` replaced with fill noise drawn from ``seed`` and its
-    ``index`` in the dataset. Returns the corrected image (float32) and the mask (codes of
-    :mod:`cryodask.artifacts`)."""
-    image = image * gain / divisor
+    """One micrograph as :func:`clean_dataset` corrects it: times ``gain``, over ``divisor``
+    (either None: not applied), its impulses and ``defects`` replaced with fill noise drawn
+    from ``seed`` and its ``index`` in the dataset. Returns the corrected image (float32)
+    and the mask (codes of :mod:`cryodask.artifacts`)."""
+    if gain is not None:
+        image = image * gain
+    if divisor is not None:
+        image = image / divisor
     found = find_impulses(image, defects=defects)
     corrected = correct_pixels(image, found.mask, found.reference, found.sigma,
                                counting=found.counting, fano=found.fano, seed=seed * 1_000_003 + index)

@@ -824,13 +824,13 @@ def _pass_layout(clean: bool, n_descriptor: int, length: int) -> tuple[dict, int
 @dataclasses.dataclass(frozen=True)
 class _PassConstants:
     """What every task of the second pass shares, as one object: the user's gain reference
-    (None: none), the divisor (the dataset's gain estimate, or ones), the defects (uint8;
+    (None: none), the divisor (the dataset's gain estimate; None: none), the defects (uint8;
     empty: none) and the noise model's smoothed gain (:func:`cryodask.causal.smooth_gain_pattern`;
     empty: none). One object, pickled whole to worker processes: the smoothed gain is an
     array subclass whose rings the array serialiser of ``distributed`` would drop."""
 
     gain_reference: np.ndarray | None
-    divisor: np.ndarray
+    divisor: np.ndarray | None
     known: np.ndarray
     smoothed_gain: np.ndarray
 
@@ -860,7 +860,6 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
     out = np.full((images.shape[0], n_fields), np.nan)
     shape = images.shape[1:]
     gain_reference, divisor, known = constants.gain_reference, constants.divisor, constants.known
-    multiply = np.ones(shape, np.float32) if gain_reference is None else gain_reference
     defects = known > 0 if known.ndim == 2 else None
     smoothed = constants.smoothed_gain if constants.smoothed_gain.ndim == 2 else None
     restore = phase_flip if restore_method == "phaseflip" else wiener_filter
@@ -870,7 +869,8 @@ def _second_pass_block(images, scalars, paths, constants: _PassConstants, *, cle
         raw = image if gain_reference is None else image * gain_reference
         exclude = None
         if clean:
-            work, mask = clean_one(image[0], multiply, divisor, defects, int(index[0]), seed=seed)
+            # The gain reference is applied once, for the raw image and the cleaning alike.
+            work, mask = clean_one(raw[0], None, divisor, defects, int(index[0]), seed=seed)
         else:
             work = raw[0]
         if ctf_rows is None:
@@ -1010,7 +1010,7 @@ def _pass_inputs(ds, gain_reference, known, measured, clean, ctf_prior):
             raise ValueError(f"{name} has shape {arr.shape}; the micrographs are {shape}")
     # The gain estimate divides every micrograph of a dataset large enough to have one.
     applied = clean and measured is not None and n >= MIN_GAIN_MICROGRAPHS
-    divisor = np.asarray(measured.gain, np.float32) if applied else np.ones(shape, np.float32)
+    divisor = np.asarray(measured.gain, np.float32) if applied else None
     smoothed = np.zeros(0) if measured is None else smooth_gain_pattern(measured)
     shared = dask.delayed(_PassConstants(gain, divisor, known, smoothed), pure=True)
     if ctf_prior is None:

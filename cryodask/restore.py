@@ -57,7 +57,7 @@ class SpectralGrid:
         self.params = params
         self.pixel_size_A = float(pixel_size_A)
         self.ky, self.kx, self.ctf = _ctf_grid(self.shape, self.pixel_size_A, params, xp, device)
-        self._ctf2 = None
+        self._ctf2 = self._k = None
         self._bins = {}
         self._interpolators = {}
 
@@ -77,19 +77,24 @@ class SpectralGrid:
             self._ctf2 = to_numpy(self.ctf * self.ctf)
         return self._ctf2
 
+    @property
+    def k(self) -> np.ndarray:
+        """``|k|`` (1/Å) on the whole half plane (NumPy float32)."""
+        if self._k is None:
+            self._k = to_numpy(namespace(self.ky).sqrt(self.ky * self.ky + self.kx * self.kx) + 0.0 * self.kx)
+        return self._k
+
     def bins(self, n_shells: int):
         """The spectral fit's bins for ``n_shells`` shells (see :func:`_shell_bins`)."""
         if n_shells not in self._bins:
-            ky, kx = (np.asarray(to_numpy(a)) for a in (self.ky, self.kx))
-            self._bins[n_shells] = _shell_bins(ky, kx, self.ctf2, self.pixel_size_A, n_shells)
+            self._bins[n_shells] = _shell_bins(self.k, self.ctf2, self.pixel_size_A, n_shells)
         return self._bins[n_shells]
 
     def interpolator(self, k):
         """:func:`_shell_interpolator` from the shells ``k`` onto this half plane."""
         key = np.asarray(k, np.float64).tobytes()
         if key not in self._interpolators:
-            kk = to_numpy(namespace(self.ky).sqrt(self.ky * self.ky + self.kx * self.kx) + 0.0 * self.kx)
-            self._interpolators[key] = _shell_interpolator(kk, k)
+            self._interpolators[key] = _shell_interpolator(self.k, k)
         return self._interpolators[key]
 
 
@@ -146,24 +151,24 @@ _LOW_CTF2_FLOOR = 0.01
 _CTF2_BINS = 128
 
 
-def _shell_bins(ky, kx, ctf2, pixel_size_A, n_shells):
-    """What the spectral fit's sums take from the grid alone: each Fourier pixel's bin (of
-    shell and CTF²), and per shell and CTF² bin the pixel count and the sums of ``c`` and
-    ``c²`` (``c`` the CTF² in double precision), each ``(n_shells, _CTF2_BINS)``."""
-    k = np.sqrt(ky**2 + kx**2) + 0 * kx
+def _shell_bins(k, ctf2, pixel_size_A, n_shells):
+    """What the spectral fit's sums take from the grid alone (``k``: ``|k|`` on the whole
+    half plane): each Fourier pixel's bin (of shell and CTF²), and per shell and CTF² bin
+    the pixel count and the sums of ``c`` and ``c²`` (``c`` the CTF² in double precision),
+    each ``(n_shells, _CTF2_BINS)``."""
     nyquist = 0.5 / pixel_size_A
     index = np.minimum((k / nyquist * n_shells).astype(int), n_shells - 1).ravel()
-    c = _ctf2_values(ctf2, kx)
+    c = _ctf2_values(ctf2, k.shape)
     key = index * _CTF2_BINS + np.minimum((c * _CTF2_BINS).astype(np.intp), _CTF2_BINS - 1)
     size = n_shells * _CTF2_BINS
     shape = (n_shells, _CTF2_BINS)
     return key, [np.bincount(key, v, size).reshape(shape) for v in (None, c, c * c)]
 
 
-def _ctf2_values(ctf2, kx):
-    """CTF² per Fourier pixel, flat, in double precision (made again where needed rather
-    than kept: at 4096², 67 MB)."""
-    return (ctf2 + 0 * kx).ravel().astype(np.float64)
+def _ctf2_values(ctf2, shape):
+    """CTF² per Fourier pixel of the half plane ``shape``, flat, in double precision (made
+    again where needed rather than kept: at 4096², 67 MB)."""
+    return np.broadcast_to(ctf2, shape).ravel().astype(np.float64)
 
 
 def _bin_sums(bins, c, p, n_shells):
@@ -221,14 +226,14 @@ def fit_signal_noise(image, params: CTFParams, *, pixel_size_A: float, n_shells:
     n_shells = n_shells or max(16, min(ny, nx) // 8)
     if grid is not None:
         bins = grid.check((ny, nx), params, pixel_size_A).bins(n_shells)
-        ctf2, kx = grid.ctf2, grid.kx
+        ctf2 = grid.ctf2
     else:
         ky, kx = frequency_grid((ny, nx), pixel_size_A, layout="rfft")
         if ctf2 is None:
             ctf2 = ctf_2d(ky, kx, params, with_envelope=False) ** 2
-        bins = _shell_bins(ky, kx, ctf2, pixel_size_A, n_shells)
+        bins = _shell_bins(np.sqrt(ky**2 + kx**2) + 0 * kx, ctf2, pixel_size_A, n_shells)
     p = power.ravel().astype(np.float64)
-    sums = _bin_sums(bins, _ctf2_values(ctf2, np.asarray(to_numpy(kx))), p, n_shells)
+    sums = _bin_sums(bins, _ctf2_values(ctf2, power.shape), p, n_shells)
     counts = sums[0].sum(axis=1)
     sc = sums[1].sum(axis=1)
     sp = sums[3].sum(axis=1)
